@@ -1,0 +1,1 @@
+"""Checkpoint → canonical ONNX (opset 24 + mixtral.MoETop2)."""

@@ -1,0 +1,233 @@
+"""The frozen Mixtral model configuration, read once from ``config.json`` and validated."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+SUPPORTED_ARCHITECTURES = ("MixtralForCausalLM",)
+SUPPORTED_DTYPES = ("float32", "float16", "bfloat16")
+
+
+class ConfigError(ValueError):
+    """config.json is missing, unreadable, or describes a model we cannot compile."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MixtralConfig:
+    """Everything the decoder needs; field names follow Hugging Face's config.json."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    num_local_experts: int
+    num_experts_per_tok: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = 1
+    eos_token_id: int | None = 2
+    torch_dtype: str = "bfloat16"
+
+    def __post_init__(self) -> None:
+        _check_dims(self)
+
+    @property
+    def kv_groups(self) -> int:
+        """Query heads per KV head (GQA)."""
+        return self.num_attention_heads // self.num_key_value_heads
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> MixtralConfig:
+        """Build from a manifest's ``config`` entry (already our own field names)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - names)
+        if unknown:
+            raise ConfigError(f"unknown config fields {unknown}; expected only {sorted(names)}")
+        return cls(**raw)
+
+    @classmethod
+    def from_hf(cls, raw: dict[str, Any], source: str = "config.json") -> MixtralConfig:
+        """Build from a Hugging Face ``config.json`` dictionary, refusing what we do not support."""
+        _check_architecture(raw, source)
+        get = _Getter(raw, source)
+        hidden = get.int("hidden_size")
+        heads = get.int("num_attention_heads")
+        head_dim = raw.get("head_dim")
+        if head_dim is None:
+            if heads > 0 and hidden % heads != 0:
+                raise ConfigError(
+                    f"{source}: hidden_size={hidden} is not divisible by num_attention_heads={heads} "
+                    "and no head_dim is given; set head_dim or fix the head count"
+                )
+            head_dim = hidden // heads if heads > 0 else 0
+        if raw.get("sliding_window") not in (None, 0) and raw["sliding_window"] < raw.get(
+            "max_position_embeddings", 0
+        ):
+            raise ConfigError(
+                f"{source}: sliding_window={raw['sliding_window']} is not supported "
+                "(Mixtral-8x7B uses full attention: sliding_window null)"
+            )
+        if raw.get("hidden_act", "silu") != "silu":
+            raise ConfigError(f"{source}: hidden_act={raw['hidden_act']!r} is not supported; expected 'silu'")
+        return cls(
+            vocab_size=get.int("vocab_size"),
+            hidden_size=hidden,
+            intermediate_size=get.int("intermediate_size"),
+            num_hidden_layers=get.int("num_hidden_layers"),
+            num_attention_heads=heads,
+            num_key_value_heads=get.int("num_key_value_heads", default=heads),
+            head_dim=_as_int(head_dim, "head_dim", source),
+            num_local_experts=get.int("num_local_experts"),
+            num_experts_per_tok=get.int("num_experts_per_tok"),
+            rms_norm_eps=get.float("rms_norm_eps"),
+            rope_theta=_rope_theta(raw, source),
+            max_position_embeddings=get.int("max_position_embeddings"),
+            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            bos_token_id=_optional_token(raw.get("bos_token_id", 1), "bos_token_id", source),
+            eos_token_id=_optional_token(raw.get("eos_token_id", 2), "eos_token_id", source),
+            torch_dtype=_dtype(raw, source),
+        )
+
+    def to_hf(self) -> dict[str, Any]:
+        """The Hugging Face ``config.json`` content for this configuration."""
+        return {
+            "architectures": ["MixtralForCausalLM"],
+            "model_type": "mixtral",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "num_local_experts": self.num_local_experts,
+            "num_experts_per_tok": self.num_experts_per_tok,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+            "torch_dtype": self.torch_dtype,
+            "hidden_act": "silu",
+            "sliding_window": None,
+            "attention_dropout": 0.0,
+            "router_jitter_noise": 0.0,
+        }
+
+
+def load_config(model_dir: str | Path) -> MixtralConfig:
+    """Read and validate ``MODEL_DIR/config.json``."""
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"{path} not found: a Hugging Face Mixtral checkpoint directory has a config.json")
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must hold a JSON object, found {type(raw).__name__}")
+    return MixtralConfig.from_hf(raw, source=str(path))
+
+
+class _Getter:
+    def __init__(self, raw: dict[str, Any], source: str) -> None:
+        self.raw, self.source = raw, source
+
+    def _value(self, name: str, default: Any) -> Any:
+        if name in self.raw and self.raw[name] is not None:
+            return self.raw[name]
+        if default is not None:
+            return default
+        raise ConfigError(f"{self.source}: required field {name!r} is missing")
+
+    def int(self, name: str, default: int | None = None) -> int:
+        return _as_int(self._value(name, default), name, self.source)
+
+    def float(self, name: str) -> float:
+        value = self._value(name, None)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{self.source}: field {name!r} must be a number, found {value!r}")
+        return float(value)
+
+
+def _as_int(value: Any, name: str, source: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{source}: field {name!r} must be an integer, found {value!r}")
+    return value
+
+
+def _optional_token(value: Any, name: str, source: str) -> int | None:
+    if isinstance(value, list):  # some configs list several EOS ids; the first is the primary one
+        value = value[0] if value else None
+    return None if value is None else _as_int(value, name, source)
+
+
+def _check_architecture(raw: dict[str, Any], source: str) -> None:
+    archs = raw.get("architectures")
+    model_type = raw.get("model_type")
+    if archs is None and model_type is None:
+        raise ConfigError(f"{source}: required field 'architectures' is missing (expected ['MixtralForCausalLM'])")
+    if archs is not None and (not isinstance(archs, list) or not set(archs) & set(SUPPORTED_ARCHITECTURES)):
+        raise ConfigError(
+            f"{source}: unsupported architecture architectures={archs!r}; "
+            f"only {list(SUPPORTED_ARCHITECTURES)} can be compiled"
+        )
+    if model_type is not None and model_type != "mixtral":
+        raise ConfigError(f"{source}: unsupported model_type={model_type!r}; expected 'mixtral'")
+
+
+def _rope_theta(raw: dict[str, Any], source: str) -> float:
+    params = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type != "default":
+        raise ConfigError(f"{source}: rope_type={rope_type!r} is not supported; expected 'default' (plain RoPE)")
+    theta = raw.get("rope_theta", params.get("rope_theta"))
+    if theta is None:
+        raise ConfigError(f"{source}: required field 'rope_theta' is missing (Mixtral uses 1000000.0)")
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or theta <= 0:
+        raise ConfigError(f"{source}: field 'rope_theta' must be a positive number, found {theta!r}")
+    return float(theta)
+
+
+def _dtype(raw: dict[str, Any], source: str) -> str:
+    dtype = raw.get("torch_dtype") or raw.get("dtype") or "bfloat16"
+    if dtype not in SUPPORTED_DTYPES:
+        raise ConfigError(f"{source}: torch_dtype={dtype!r} is not supported; expected one of {SUPPORTED_DTYPES}")
+    return dtype
+
+
+def _check_dims(c: MixtralConfig) -> None:
+    positive = (
+        "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+        "num_key_value_heads", "head_dim", "num_local_experts", "num_experts_per_tok", "max_position_embeddings",
+    )  # fmt: skip
+    for name in positive:
+        value = getattr(c, name)
+        if value <= 0:
+            raise ConfigError(f"config field {name}={value} must be > 0")
+    if c.num_attention_heads % c.num_key_value_heads != 0:
+        raise ConfigError(
+            f"config field num_key_value_heads={c.num_key_value_heads} must divide "
+            f"num_attention_heads={c.num_attention_heads} (grouped-query attention)"
+        )
+    if c.head_dim % 2 != 0:
+        raise ConfigError(f"config field head_dim={c.head_dim} must be even (rotary embedding rotates pairs)")
+    if c.num_experts_per_tok > c.num_local_experts:
+        raise ConfigError(
+            f"config field num_experts_per_tok={c.num_experts_per_tok} must be <= "
+            f"num_local_experts={c.num_local_experts}"
+        )
+    if c.rms_norm_eps <= 0:
+        raise ConfigError(f"config field rms_norm_eps={c.rms_norm_eps} must be > 0")

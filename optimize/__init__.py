@@ -1,0 +1,1 @@
+"""Canonical ONNX → target ONNX: precision and lowering passes."""

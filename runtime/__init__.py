@@ -1,0 +1,1 @@
+"""Runtime: generation over the exported graphs."""
