@@ -86,8 +86,8 @@ def decoder_layer(cfg: MixtralConfig, hidden, mask, position_ids, write_indices,
     present_k = moe_op.tensor_scatter(past_k, k, write_indices)  # [B, K, L, D]
     present_v = moe_op.tensor_scatter(past_v, v, write_indices)  # [B, K, L, D]
     attn = F.scaled_dot_product_attention(
-        q, present_k, present_v, attn_mask=mask, scale=D**-0.5, enable_gqa=True
-    )  # [B, N, S, D]
+        q, present_k, present_v, attn_mask=mask, scale=D**-0.5, enable_gqa=N != K
+    )  # [B, N, S, D]; GQA stays implicit in the 4-D shapes
     hidden = hidden + F.linear(attn.transpose(1, 2).reshape(B, S, N * D), wo)  # [B, S, H]
 
     x = F.rms_norm(hidden, (H,), ln2, eps).reshape(B * S, H)  # [T, H]

@@ -1,0 +1,24 @@
+"""Shared fixtures: tiny checkpoints of several shapes, exported once per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Never download anything from a model hub during tests.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory):
+    """Keep the built-in tiny model of the test run out of the user's cache."""
+    os.environ["MIXTRAL_TRT_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+
+
+def make_checkpoint(root: Path, seed: int = 0, **overrides) -> Path:
+    from mixtral_trt.export.tiny import tiny_config, write_tiny
+
+    return write_tiny(root, tiny_config(**overrides), seed=seed)
