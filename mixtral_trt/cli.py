@@ -22,6 +22,13 @@ def _user_errors(fn):
 
         handled: tuple[type[BaseException], ...] = (ConfigError, ManifestError, FileExistsError)
         try:
+            from mixtral_trt.runtime.generator import GenerationError
+            from mixtral_trt.runtime.tokenizer import TokenizerError
+
+            handled += (GenerationError, TokenizerError)
+        except ImportError:
+            pass
+        try:
             from mixtral_trt.export.checkpoint import CheckpointError
             from mixtral_trt.export.onnx_export import ExportError
 
@@ -48,6 +55,7 @@ def main() -> None:
       tiny      write a random-weight Mixtral checkpoint (tests, demos)
       export    checkpoint -> canonical ONNX
       optimize  canonical ONNX -> a target's ONNX (ONNX Runtime lowering)
+      generate  run a build: text or token ids in, generated text out
     """
 
 
@@ -122,6 +130,79 @@ def optimize(export_dir, out_dir, target, moe):  # fmt: skip
         raise click.BadParameter("must differ from EXPORT_DIR", param_hint="--out")
     path = lower_export_dir(export_dir, out_dir, moe=moe)
     click.echo(f"{target} model: {path / 'model.onnx'}")
+
+
+def _parse_ids(ctx, param, values):
+    out = []
+    for value in values:
+        try:
+            out.append([int(x) for x in value.replace(" ", "").split(",") if x != ""])
+        except ValueError:
+            raise click.BadParameter(f"{value!r} is not a comma-separated list of integers, e.g. 1,415,2936") from None
+    return out
+
+
+@main.command()
+@click.argument("build_dir", type=click.Path(path_type=Path))
+@click.option("--prompt", "prompts", multiple=True, help="Prompt text (repeat for a batch).")
+@click.option("--prompt-ids", "prompt_ids", multiple=True, callback=_parse_ids,
+              help="Prompt as comma-separated token ids, e.g. 1,415,2936 (repeat for a batch).")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--greedy", is_flag=True, help="Pick the most likely token (the default when no sampling option is given).")
+@click.option("--temperature", type=click.FloatRange(min=0), help="Sampling temperature (0 = greedy).")
+@click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), help="Nucleus sampling mass.")
+@click.option("--top-k", type=click.IntRange(min=0), help="Sample among the K most likely tokens (0 = all).")
+@click.option("--repetition-penalty", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True)
+@click.option("--seed", type=int, help="Random seed: the same seed reproduces the same sample.")
+@click.option("--stop", "stop", multiple=True, help="Stop a sequence when its text contains this string (repeatable).")
+@click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per prompt instead of streaming text.")
+@click.option("--no-verify", is_flag=True, help="Skip re-hashing the build's files against its manifest.")
+@_user_errors
+def generate(build_dir, prompts, prompt_ids, max_new_tokens, greedy, temperature, top_p, top_k, repetition_penalty,
+             seed, stop, backend, as_json, no_verify):  # fmt: skip
+    """Generate text with a build directory (an export, an optimize output or an engine build).
+
+    Give prompts as text (--prompt, tokenized with the build's tokenizer, BOS prepended as
+    Mixtral expects) or as ids (--prompt-ids). Text streams as it is produced; --json prints
+    prompt_ids, output_ids, text, finish_reason and timings per prompt.
+    """
+    import json
+
+    from mixtral_trt import runtime
+
+    if bool(prompts) == bool(prompt_ids):
+        raise click.UsageError("give prompts with --prompt TEXT or with --prompt-ids 1,2,3 (one kind, not both)")
+    sampled = any(v is not None for v in (temperature, top_p, top_k))
+    if greedy and sampled:
+        raise click.UsageError("--greedy cannot be combined with --temperature/--top-p/--top-k")
+    sampling = {"max_new_tokens": max_new_tokens, "greedy": not sampled, "repetition_penalty": repetition_penalty,
+                "seed": seed, "stop": stop}  # fmt: skip
+    sampling.update({k: v for k, v in (("temperature", temperature), ("top_p", top_p), ("top_k", top_k)) if v is not None})
+    model = runtime.load(build_dir, backend=backend, verify=not no_verify)
+    batch = list(prompts) or prompt_ids
+    stream = not as_json and len(batch) == 1 and model.tokenizer is not None
+
+    def on_token(row, token, delta):
+        if stream and delta:
+            click.echo(delta, nl=False)
+
+    results = model.generate(batch, on_token=on_token, **sampling)
+    for n, result in enumerate(results):
+        if as_json:
+            click.echo(json.dumps(result.to_dict()))
+            continue
+        if stream:
+            click.echo()
+        elif result.text is not None:
+            click.echo(f"[{n}] {result.text}")
+        else:
+            click.echo(f"[{n}] {' '.join(map(str, result.output_ids))}")
+        click.echo(
+            f"[{n}] {len(result.output_ids)} tokens, finish: {result.finish_reason}, prefill "
+            f"{result.prefill_ms:.1f} ms, decode {result.decode_tokens_per_s:.1f} tok/s",
+            err=True,
+        )
 
 
 if __name__ == "__main__":  # pragma: no cover

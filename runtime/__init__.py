@@ -1,1 +1,82 @@
-"""Runtime: generation over the exported graphs."""
+"""Runtime: generation over exported or built artifacts.
+
+    from mixtral_trt import runtime
+    model = runtime.load("out/tiny")                      # ONNX Runtime on CPU by default
+    [result] = model.generate(["The capital of France is"], max_new_tokens=16, greedy=True)
+    print(result.text, result.finish_reason)
+
+Nothing heavy is imported until :func:`load` is called.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .generator import GenerationError, Result
+from .sampling import SamplingParams
+
+__all__ = ["GenerationError", "Model", "Result", "SamplingParams", "load"]
+
+
+class Model:
+    """A loaded build: ``generate`` for text or ids, ``logits`` for raw scores."""
+
+    def __init__(self, backend, tokenizer, manifest: dict) -> None:
+        from .generator import Generator
+
+        self.backend, self.tokenizer, self.manifest = backend, tokenizer, manifest
+        self.generator = Generator(backend, tokenizer, eos_id=manifest["config"].get("eos_token_id"))
+
+    def generate(self, prompts, on_token=None, **sampling) -> list[Result]:
+        """Generate for a batch of prompts (strings or token-id lists). ``sampling``: fields of
+        :class:`SamplingParams` (max_new_tokens, greedy, temperature, top_k, top_p,
+        repetition_penalty, seed, stop). ``on_token(row, token_id, text_delta)`` streams."""
+        try:
+            params = SamplingParams(**{k: tuple(v) if k == "stop" else v for k, v in sampling.items()})
+        except (TypeError, ValueError) as exc:
+            raise GenerationError(str(exc)) from None
+        return self.generator.generate(prompts, params, on_token)
+
+    def logits(self, input_ids) -> list:
+        """Prefill logits [len, V] (float32 numpy) for each id list, from an empty cache."""
+        import numpy as np
+
+        ids = self.generator.encode(input_ids)
+        longest = max(map(len, ids))
+        if longest > self.backend.max_seq_len:
+            raise GenerationError(f"input of {longest} tokens exceeds the build's max_seq_len={self.backend.max_seq_len}")
+        padded = np.zeros((len(ids), longest), np.int64)
+        for b, row in enumerate(ids):
+            padded[b, : len(row)] = row
+        out = self.backend.step(padded, np.tile(np.arange(longest), (len(ids), 1)), np.zeros(len(ids), np.int64))
+        return [out[b, : len(row)].copy() for b, row in enumerate(ids)]
+
+
+def load(build_dir: str | Path, backend: str = "onnxruntime", verify: bool = True, **backend_options) -> Model:
+    """Open a build directory (an export, an ONNX Runtime optimize output, or an engine build).
+
+    ``verify`` re-hashes every file against the manifest before anything is loaded.
+    """
+    from mixtral_trt.manifest import read_manifest
+
+    from .tokenizer import Tokenizer, TokenizerError
+
+    build_dir = Path(build_dir)
+    manifest = read_manifest(build_dir, ("export", "optimize", "engine"), verify=verify)
+    if backend == "onnxruntime":
+        from .backends.onnxruntime import OnnxRuntimeBackend
+
+        if manifest["stage"] == "engine":
+            raise GenerationError(f"{build_dir} holds a TensorRT engine; use backend='tensorrt'")
+        impl = OnnxRuntimeBackend(build_dir, manifest, **backend_options)
+    elif backend == "tensorrt":
+        from .backends.tensorrt import TensorRTBackend
+
+        impl = TensorRTBackend(build_dir, manifest, **backend_options)
+    else:
+        raise GenerationError(f"unknown backend {backend!r}; choose 'onnxruntime' or 'tensorrt'")
+    try:
+        tokenizer = Tokenizer(build_dir, manifest["config"].get("bos_token_id"), manifest["config"].get("eos_token_id"))
+    except TokenizerError:
+        tokenizer = None
+    return Model(impl, tokenizer, manifest)
