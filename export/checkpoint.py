@@ -92,9 +92,12 @@ def _shard_files(directory: Path) -> list[Path]:
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise CheckpointError(f"{index} is not a valid safetensors index (needs 'weight_map'): {exc}") from None
-        names = sorted(set(weight_map.values()))
+            names = sorted({str(n) for n in weight_map.values()})
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise CheckpointError(f"{index} is not a valid safetensors index (needs 'weight_map'): {exc!r}") from None
+        outside = [n for n in names if Path(n).name != n]
+        if outside:
+            raise CheckpointError(f"{index} names shard files outside the checkpoint directory: {outside}")
         missing = [n for n in names if not (directory / n).is_file()]
         if missing:
             raise CheckpointError(f"{index} names shard files that do not exist: {missing}")
@@ -129,22 +132,32 @@ def read_header(path: Path) -> list[TensorRef]:
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise CheckpointError(f"{path} has a corrupt safetensors header: {exc}") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path} has a corrupt safetensors header: a JSON {type(header).__name__}, not an object")
     base = 8 + n
     refs = []
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        dtype = info.get("dtype")
+        try:
+            dtype = info["dtype"]
+            shape = tuple(int(d) for d in info["shape"])
+            start, end = (int(x) for x in info["data_offsets"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(
+                f"{path} has a corrupt safetensors header: tensor {name!r} entry {info!r} ({exc!r}); "
+                "expected dtype, shape and data_offsets [start, end]"
+            ) from None
         if dtype not in SAFETENSORS_DTYPES:
             raise CheckpointError(
                 f"{path}: tensor {name!r} has dtype {dtype}; supported: {sorted(SAFETENSORS_DTYPES)}"
             )
         np_dtype, itemsize = SAFETENSORS_DTYPES[dtype]
-        shape = tuple(int(d) for d in info["shape"])
-        start, end = (int(x) for x in info["data_offsets"])
         count = 1
         for d in shape:
             count *= d
+        if start < 0 or any(d < 0 for d in shape):
+            raise CheckpointError(f"{path}: tensor {name!r} has a negative offset or dimension")
         if end - start != count * itemsize:
             raise CheckpointError(f"{path}: tensor {name!r} byte range {end - start} does not fit shape {shape}")
         if base + end > size:
@@ -152,7 +165,16 @@ def read_header(path: Path) -> list[TensorRef]:
                 f"{path} is truncated: tensor {name!r} ends at byte {base + end} but the file has {size} bytes"
             )
         refs.append(TensorRef(name, path, base + start, end - start, np_dtype, shape))
+    _check_disjoint(path, refs)
     return refs
+
+
+def _check_disjoint(path: Path, refs: list[TensorRef]) -> None:
+    """Two tensors sharing bytes means a corrupt (or crafted) header."""
+    spans = sorted((r.offset, r.offset + r.nbytes, r.name) for r in refs if r.nbytes)
+    for (_, end, a), (start, _, b) in zip(spans, spans[1:]):
+        if start < end:
+            raise CheckpointError(f"{path} has a corrupt safetensors header: tensors {a!r} and {b!r} overlap")
 
 
 def _check_against_config(cfg: MixtralConfig, tensors: dict[str, TensorRef], directory: Path) -> None:

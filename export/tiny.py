@@ -91,6 +91,8 @@ def write_tiny(out_dir: str | Path, cfg: MixtralConfig = TINY_CONFIG, seed: int 
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"{out_dir} exists and is a file; choose a new directory for the tiny checkpoint")
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"{out_dir} exists and is not empty; choose a new directory for the tiny checkpoint")
     with atomic_dir(out_dir) as tmp:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import io
 import logging
 import warnings
@@ -31,6 +32,7 @@ class Pieces:
     epilogue: onnx.ModelProto  # (hidden, norm, lm_head) -> logits
 
 
+@functools.lru_cache(maxsize=4)
 def trace_pieces(cfg: MixtralConfig) -> Pieces:
     """Export prologue, one layer and epilogue with dynamic batch, sequence and cache length."""
     batch, seq, cache = torch.export.Dim("batch"), torch.export.Dim("seq"), torch.export.Dim("cache")

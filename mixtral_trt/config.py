@@ -71,11 +71,10 @@ class MixtralConfig:
                     "and no head_dim is given; set head_dim or fix the head count"
                 )
             head_dim = hidden // heads if heads > 0 else 0
-        if raw.get("sliding_window") not in (None, 0) and raw["sliding_window"] < raw.get(
-            "max_position_embeddings", 0
-        ):
+        window = raw.get("sliding_window")
+        if window not in (None, 0) and _as_int(window, "sliding_window", source) < get.int("max_position_embeddings"):
             raise ConfigError(
-                f"{source}: sliding_window={raw['sliding_window']} is not supported "
+                f"{source}: sliding_window={window} is not supported "
                 "(Mixtral-8x7B uses full attention: sliding_window null)"
             )
         if raw.get("hidden_act", "silu") != "silu":
@@ -189,7 +188,10 @@ def _check_architecture(raw: dict[str, Any], source: str) -> None:
 
 
 def _rope_theta(raw: dict[str, Any], source: str) -> float:
-    params = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+    key = "rope_parameters" if raw.get("rope_parameters") else "rope_scaling"
+    params = raw.get(key) or {}
+    if not isinstance(params, dict):
+        raise ConfigError(f"{source}: field {key!r} must be an object with a 'rope_type', found {params!r}")
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type != "default":
         raise ConfigError(f"{source}: rope_type={rope_type!r} is not supported; expected 'default' (plain RoPE)")
