@@ -16,7 +16,7 @@ import numpy as np
 
 from mixtral_trt.config import MixtralConfig
 from mixtral_trt.fsutil import atomic_dir
-from mixtral_trt.manifest import MANIFEST, is_artifact, write_manifest
+from mixtral_trt.manifest import check_output_dir, write_manifest
 
 from . import model as M
 from . import moe_op
@@ -103,7 +103,7 @@ def export(
     cfg = ckpt.config
     max_seq_len = _check_limits(cfg, max_batch, max_seq_len)
     out_dir = Path(out_dir)
-    _check_out_dir(out_dir)
+    check_output_dir(out_dir, "export", ExportError)
 
     from .trace import trace_pieces
 
@@ -170,16 +170,6 @@ def _check_limits(cfg: MixtralConfig, max_batch: int, max_seq_len: int | None) -
             f"max_position_embeddings={cfg.max_position_embeddings}"
         )
     return max_seq_len
-
-
-def _check_out_dir(out_dir: Path) -> None:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ExportError(f"output path {out_dir} exists and is a file; choose a directory path")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not is_artifact(out_dir, "export"):
-        raise ExportError(
-            f"output directory {out_dir} exists, is not empty and holds no previous export "
-            f"({MANIFEST} with stage 'export'); refusing to overwrite it. Choose a new path or remove it"
-        )
 
 
 def _check_graph(path: Path) -> None:

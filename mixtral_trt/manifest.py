@@ -109,3 +109,15 @@ def is_artifact(directory: Path, stage: str | None = None) -> bool:
     except ManifestError:
         return False
     return True
+
+
+def check_output_dir(out_dir: Path, stage: str, error: type[Exception] = FileExistsError) -> None:
+    """Refuse an output path holding anything but a previous artifact of ``stage`` (which may be replaced)."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise error(f"output path {out_dir} exists and is a file; choose a directory path")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not is_artifact(out_dir, stage):
+        raise error(
+            f"output directory {out_dir} exists, is not empty and holds no previous {stage} output "
+            f"({MANIFEST} with stage {stage!r}); refusing to overwrite it. Choose a new path or remove it"
+        )

@@ -18,7 +18,7 @@ from onnx import TensorProto, helper
 
 from mixtral_trt.export import moe_op
 from mixtral_trt.fsutil import atomic_dir
-from mixtral_trt.manifest import MANIFEST, is_artifact, read_manifest, write_manifest
+from mixtral_trt.manifest import check_output_dir, read_manifest, write_manifest
 
 MOE_LOWERINGS = ("contrib", "decomposed")
 
@@ -131,7 +131,7 @@ def lower_export_dir(export_dir: str | Path, out_dir: str | Path, moe: str = "co
     """Write an ONNX Runtime model for an export directory; the data file is hard-linked, not copied."""
     export_dir, out_dir = Path(export_dir), Path(out_dir)
     manifest = read_manifest(export_dir, "export", verify=False)
-    _check_out_dir(out_dir)
+    check_output_dir(out_dir, "optimize")
     info = manifest["export"]
     model = onnx.load(str(export_dir / info["model_file"]), load_external_data=False)
     lowered = lower_for_onnxruntime(model, moe)
@@ -146,17 +146,6 @@ def lower_export_dir(export_dir: str | Path, out_dir: str | Path, moe: str = "co
         hashes = {name: e["sha256"] for name, e in manifest["files"].items() if name != info["model_file"]}
         write_manifest(tmp, "optimize", body, hashes)
     return out_dir
-
-
-def _check_out_dir(out_dir: Path) -> None:
-    """Like export: replace only a previous output of this stage, never someone else's files."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise FileExistsError(f"output path {out_dir} exists and is a file; choose a directory path")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not is_artifact(out_dir, "optimize"):
-        raise FileExistsError(
-            f"output directory {out_dir} exists, is not empty and holds no previous optimize output "
-            f"({MANIFEST} with stage 'optimize'); refusing to overwrite it. Choose a new path or remove it"
-        )
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:

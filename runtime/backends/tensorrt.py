@@ -24,7 +24,8 @@ Execution (one CUDA stream, one device):
   rows of each cache (same pointer, smaller shape) as both ``past_key_values.{i}.*`` and
   ``present.{i}.*``: TensorRT's KV-cache-update layer writes the new slots where they lie, and
   ``ICudaEngine.get_aliased_input_tensor`` (TensorRT >= 10.15, TensorRT-RTX) must confirm that
-  every present.* aliases its past_key_values.*.
+  every present.* aliases its past_key_values.*. (That layer, which the ONNX parser makes of
+  TensorScatter, needs a static cache length: the engine build pins ``max_cache_len``.)
 - All execution contexts share one activation scratch (USER_MANAGED allocation): they never run
   concurrently. Tensor addresses are set once, when a context is created.
 - Prefill (seq > 1): one context per optimization profile, input shapes set per step.

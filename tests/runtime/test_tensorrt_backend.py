@@ -463,6 +463,7 @@ def test_graph_replay_skips_enqueue_and_keeps_addresses(tmp_path, fake_trt):
 
 @pytest.mark.gpu
 @needs_cuda
+@pytest.mark.filterwarnings("ignore:The CUDA Graph is empty")  # the refused capture recorded nothing
 def test_capture_failure_falls_back_to_enqueue(tmp_path, fake_trt, caplog):
     build, manifest = _engine_dir(tmp_path / "engine")
     reference = TensorRTBackend(build, manifest, cuda_graphs=False)
@@ -583,6 +584,10 @@ def real(tmp_path_factory):
         pytest.skip(str(exc))
     if not _has_cuda():
         pytest.skip("needs a CUDA GPU visible to torch")
+    import torch
+
+    if "rtx" in trt.__name__ and torch.cuda.get_device_capability()[0] in (9, 10):
+        pytest.skip("only TensorRT-RTX is installed, and it has no SM90/SM100 target; pip install tensorrt")
     from mixtral_trt import runtime
     from mixtral_trt.export.onnx_export import export
 
