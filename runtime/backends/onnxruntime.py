@@ -18,10 +18,13 @@ from mixtral_trt.export import moe_op  # noqa: F401  (registers the MoETop2 sche
 class OnnxRuntimeBackend:
     name = "onnxruntime"
 
-    def __init__(self, build_dir: Path, manifest: dict, providers: list[str] | None = None, threads: int = 0) -> None:
+    def __init__(
+        self, build_dir: Path, manifest: dict, providers: list[str] | None = None, threads: int = 0, log_severity: int = 3
+    ) -> None:
         import onnxruntime as ort
 
         cfg = manifest["config"]
+        self.build_dir = Path(build_dir)
         self.max_batch = int(manifest["export"]["max_batch"])
         self.max_seq_len = int(manifest["export"]["max_seq_len"])
         self.vocab_size = int(cfg["vocab_size"])
@@ -29,7 +32,7 @@ class OnnxRuntimeBackend:
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
-        options.log_severity_level = 3  # keep ORT's per-run notes off the user's terminal
+        options.log_severity_level = log_severity  # 3: keep ORT's per-run notes off the user's terminal
         model = _model_bytes(build_dir, manifest, options)
         self.providers = providers or _default_providers(ort)
         self.session = ort.InferenceSession(model, options, providers=self.providers)
