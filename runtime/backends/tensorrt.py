@@ -369,7 +369,8 @@ class TensorRTBackend:
         tokens = min(B * L, max(hi[0] * hi[1] for _, _, hi in self._profiles))
         sizes = {"input_ids": tokens, "position_ids": tokens, "write_indices": B}
         self._inputs = {n: torch.zeros(k, dtype=dtypes[self._dtypes[n]], device=dev) for n, k in sizes.items()}
-        self._host_inputs = {n: torch.zeros(t.numel(), dtype=t.dtype, pin_memory=True) for n, t in self._inputs.items()}
+        self._host_inputs = {n: torch.zeros(t.numel(), dtype=t.dtype, pin_memory=True)
+                             for n, t in self._inputs.items()}  # fmt: skip
         self._logits = torch.zeros(tokens * self.vocab_size, dtype=dtypes[self._dtypes["logits"]], device=dev)
         self._host_logits = torch.zeros(B * self.vocab_size, dtype=torch.float32, pin_memory=True)  # decode readback
         shape = (B, cfg["num_key_value_heads"], L, cfg["head_dim"])
