@@ -1,7 +1,8 @@
 """ONNX Runtime backend: IOBinding with the KV cache bound in place (input and output share memory).
 
-The cache is one numpy array per layer and kind, [max_batch, K, max_seq_len, D], allocated
-once. A batch of ``b`` rows binds the leading ``b`` rows (a contiguous view) as both
+The cache is one buffer per layer and kind, [max_batch, K, max_seq_len, D], allocated once
+(numpy on CPU; an OrtValue on the GPU with the CUDA provider). A batch of ``b`` rows binds
+the buffer's leading ``b`` rows (same base address, smaller shape) as both
 ``past_key_values.{i}.*`` and ``present.{i}.*``; ONNX Runtime's TensorScatter then writes
 the new keys/values into that memory instead of copying the cache each step.
 """
@@ -37,27 +38,43 @@ class OnnxRuntimeBackend:
         self.providers = providers or _default_providers(ort)
         self.session = ort.InferenceSession(model, options, providers=self.providers)
         shape = (self.max_batch, cfg["num_key_value_heads"], self.max_seq_len, cfg["head_dim"])
-        # One buffer per (layer, kind); bound as input and output, never reallocated.
-        self.cache = {
-            (i, kind): np.zeros(shape, np.float32) for i in range(self.layers) for kind in ("key", "value")
-        }
+        # One buffer per (layer, kind); bound as input and output, never reallocated. With the
+        # CUDA provider the cache lives on the GPU (OrtValues), else in numpy arrays.
+        self._cache_shape = shape
+        self._bindings: dict[int, object] = {}
+        self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
+        keys = [(i, kind) for i in range(self.layers) for kind in ("key", "value")]
+        if self.device == "cuda":
+            zeros = np.zeros(shape, np.float32)
+            self.cache = {k: ort.OrtValue.ortvalue_from_numpy(zeros, "cuda", 0) for k in keys}
+        else:
+            self.cache = {k: np.zeros(shape, np.float32) for k in keys}
 
     def cache_address(self, layer: int, kind: str) -> int:
-        return self.cache[(layer, kind)].ctypes.data
+        buf = self.cache[(layer, kind)]
+        return buf.ctypes.data if self.device == "cpu" else buf.data_ptr()
 
     def step(self, input_ids: np.ndarray, position_ids: np.ndarray, write_indices: np.ndarray) -> np.ndarray:
-        B = input_ids.shape[0]
-        binding = self.session.io_binding()
+        B, S = input_ids.shape
+        binding = self._binding(B)
         for name, value in (("input_ids", input_ids), ("position_ids", position_ids), ("write_indices", write_indices)):
             binding.bind_cpu_input(name, np.ascontiguousarray(value, dtype=np.int64))
-        binding.bind_output("logits", "cpu")  # first, so it is get_outputs()[0]
-        for (i, kind), buf in self.cache.items():
-            view = buf[:B]  # leading rows of a C-contiguous array: contiguous, same memory
-            ptr, shape = view.ctypes.data, view.shape
-            binding.bind_input(f"past_key_values.{i}.{kind}", "cpu", 0, np.float32, shape, ptr)
-            binding.bind_output(f"present.{i}.{kind}", "cpu", 0, np.float32, shape, ptr)
+        logits = np.empty((B, S, self.vocab_size), np.float32)
+        binding.bind_output("logits", "cpu", 0, np.float32, logits.shape, logits.ctypes.data)
         self.session.run_with_iobinding(binding)
-        return binding.get_outputs()[0].numpy()
+        return logits
+
+    def _binding(self, B: int):
+        """One IOBinding per batch size, its cache bindings made once (their addresses never change)."""
+        if B not in self._bindings:
+            binding = self.session.io_binding()
+            for i, kind in self.cache:
+                # The leading B rows of a row-major [max_batch, ...] buffer start at its base address.
+                ptr, shape = self.cache_address(i, kind), (B, *self._cache_shape[1:])
+                binding.bind_input(f"past_key_values.{i}.{kind}", self.device, 0, np.float32, shape, ptr)
+                binding.bind_output(f"present.{i}.{kind}", self.device, 0, np.float32, shape, ptr)
+            self._bindings[B] = binding
+        return self._bindings[B]
 
 
 def _default_providers(ort) -> list[str]:

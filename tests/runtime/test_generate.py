@@ -127,3 +127,15 @@ def test_onnxruntime_reports_no_cache_copy(built, capfd):
         feeds[f"past_key_values.{i}.{kind}"] = buf[:B].copy()
     warned.backend.session.run(None, feeds)
     assert "copying past_cache" in capfd.readouterr().err
+
+
+def test_stop_string_ends_the_sequence_and_trims_the_text(built):
+    model, _ = built
+    [free] = model.generate([PROMPTS[0]], max_new_tokens=20, greedy=True)
+    stop = free.text[len(free.text) // 2 :][:3]
+    assert stop.strip(), free.text
+    [stopped] = model.generate([PROMPTS[0]], max_new_tokens=20, greedy=True, stop=[stop])
+    assert stopped.finish_reason == "stop"
+    assert stopped.text == free.text[: free.text.find(stop)]
+    assert stopped.output_ids == free.output_ids[: len(stopped.output_ids)]
+    assert stop in model.tokenizer.decode(stopped.output_ids)
