@@ -20,7 +20,9 @@ def _user_errors(fn):
         from .config import ConfigError
         from .manifest import ManifestError
 
-        handled: tuple[type[BaseException], ...] = (ConfigError, ManifestError, FileExistsError)
+        from .pipeline import PipelineError
+
+        handled: tuple[type[BaseException], ...] = (ConfigError, ManifestError, FileExistsError, PipelineError)
         try:
             from mixtral_trt.runtime.generator import GenerationError
             from mixtral_trt.runtime.tokenizer import TokenizerError
@@ -45,18 +47,70 @@ def _user_errors(fn):
     return wrapper
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+def _parse_sms(ctx, param, value):
+    if not value:
+        return ()
+    sms = tuple(v.strip().lower().removeprefix("sm_").removeprefix("sm") for v in value.split(",") if v.strip())
+    bad = [v for v in sms if not v.rstrip("a").isdigit()]
+    if bad:
+        raise click.BadParameter(f"{bad} are not SM numbers; give e.g. --sm 89,120")
+    return sms
+
+
+@click.group(
+    invoke_without_command=True,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
+@click.option("--model", default="tiny", show_default=True, help=MODEL_HELP)
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16", "int8"]), default="fp16", show_default=True,
+              help="Weights/activations of the engine: int8 is weight-only (fp16 activations).")
+@click.option("--target", type=click.Choice(["tensorrt", "tensorrt-rtx", "onnxruntime"]),
+              help="Engine to build [default: tensorrt if installed, else tensorrt-rtx, else onnxruntime].")
+@click.option("--max-batch", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--max-seq-len", type=click.IntRange(min=2),
+              help="KV cache capacity in tokens [default: min(4096, max_position_embeddings)].")
+@click.option("--sm", "sms", callback=_parse_sms,
+              help="TensorRT-RTX ahead-of-time targets, e.g. 89,120 [default: 89,120].")
+@click.option("--int8-lm-head", is_flag=True, help="With --precision int8: quantise the LM head too (default fp16).")
+@click.option("--int8-router", is_flag=True, help="With --precision int8: quantise the MoE router too (default fp16).")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path),
+              help="Build directory [default: out/<model name>-<precision>].")
+@click.option("--quiet", is_flag=True, help="No progress output.")
 @click.version_option(package_name="mixtral-trt")
-def main() -> None:
-    """Compile Mixtral checkpoints into canonical ONNX (opset 24 + mixtral.MoETop2) and engines.
+@click.pass_context
+@_user_errors
+def main(ctx, model, precision, target, max_batch, max_seq_len, sms, int8_lm_head, int8_router, out_dir, quiet):
+    """Compile a Mixtral checkpoint: export -> precision -> ONNX Runtime model + TensorRT engine.
+
+    With no command, runs the whole build for --model (default: the built-in tiny model) and
+    prints where everything is. Finished stages whose inputs are unchanged are reused, so an
+    interrupted build resumes where it stopped.
 
     \b
-    Stages (each reads and writes a directory with a manifest.json):
+    Stages, also runnable alone (each reads and writes a directory with a manifest.json):
       tiny      write a random-weight Mixtral checkpoint (tests, demos)
       export    checkpoint -> canonical ONNX
-      optimize  canonical ONNX -> a target's ONNX (ONNX Runtime lowering)
+      optimize  canonical ONNX -> precision and a target's ONNX
+      engine    target ONNX -> TensorRT / TensorRT-RTX plan
       generate  run a build: text or token ids in, generated text out
+      inspect   print an artifact's manifest
     """
+    if ctx.invoked_subcommand is not None:
+        return
+    from mixtral_trt import pipeline
+    from mixtral_trt.export.tiny import resolve_model
+
+    path = resolve_model(model)
+    out_dir = out_dir or Path("out") / f"{'tiny' if model == 'tiny' else path.name}-{precision}"
+    plan = pipeline.Plan(model=path, out=out_dir, precision=precision, target=target, max_batch=max_batch,
+                         max_seq_len=max_seq_len, sms=sms, int8_lm_head=int8_lm_head, int8_router=int8_router)  # fmt: skip
+    results = pipeline.run(plan, say=(lambda m: None) if quiet else (lambda m: click.echo(m, err=True)),
+                           progress=not quiet)  # fmt: skip
+    click.echo("built:")
+    for line in pipeline.summary(results):
+        click.echo(f"  {line}")
+    ort = next(r.path for r in results if r.name == "onnxruntime model")
+    click.echo(f"try it:  mixtral-build generate {ort} --prompt \"The capital of France is\"")
 
 
 @main.command()
@@ -115,21 +169,91 @@ def export(model, out_dir, max_batch, max_seq_len, quiet):  # fmt: skip
 
 
 @main.command()
-@click.argument("export_dir", type=click.Path(path_type=Path))
+@click.argument("src_dir", type=click.Path(path_type=Path))
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Output directory.")
-@click.option("--target", type=click.Choice(["onnxruntime"]), default="onnxruntime", show_default=True,
-              help="Runtime the graph is lowered for.")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16", "int8"]), default="fp32", show_default=True)
+@click.option("--target", type=click.Choice(["onnxruntime", "canonical"]), default="onnxruntime", show_default=True,
+              help="onnxruntime: MoETop2 lowered for ONNX Runtime; canonical: MoETop2 kept (input of `engine`).")
 @click.option("--moe", type=click.Choice(["contrib", "decomposed"]), default="contrib", show_default=True,
-              help="contrib: com.microsoft.MoE kernel; decomposed: standard ops (portable reference, dense).")
+              help="ONNX Runtime MoE: contrib com.microsoft kernels, or standard ops (portable reference, dense).")
+@click.option("--int8-lm-head", is_flag=True, help="With --precision int8: quantise the LM head too.")
+@click.option("--int8-router", is_flag=True, help="With --precision int8: quantise the MoE router too.")
+@click.option("--quiet", is_flag=True, help="No progress output.")
 @_user_errors
-def optimize(export_dir, out_dir, target, moe):  # fmt: skip
-    """Lower an export directory's MoETop2 nodes for a target runtime (weights are shared, not copied)."""
-    from mixtral_trt.optimize.lowering import lower_export_dir
+def optimize(src_dir, out_dir, precision, target, moe, int8_lm_head, int8_router, quiet):  # fmt: skip
+    """Apply a precision to an export directory and lower it for a target runtime.
 
-    if out_dir.exists() and out_dir.resolve() == export_dir.resolve():
-        raise click.BadParameter("must differ from EXPORT_DIR", param_hint="--out")
-    path = lower_export_dir(export_dir, out_dir, moe=moe)
-    click.echo(f"{target} model: {path / 'model.onnx'}")
+    Weights are rewritten once (streamed, one tensor chunk at a time) into the new precision;
+    lowering is a graph rewrite, so the lowered model hard-links the converted weights.
+    """
+    import shutil
+    import tempfile
+
+    from mixtral_trt.optimize.lowering import lower_dir
+    from mixtral_trt.optimize.precision import convert
+
+    if out_dir.exists() and out_dir.resolve() == src_dir.resolve():
+        raise click.BadParameter("must differ from SRC_DIR", param_hint="--out")
+    options = dict(int8_lm_head=int8_lm_head, int8_router=int8_router, progress=not quiet)
+    if target == "canonical":
+        path = convert(src_dir, out_dir, precision, **options)
+    else:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.precision-", dir=out_dir.parent))
+        try:
+            converted = convert(src_dir, staging / "canonical", precision, **options)
+            path = lower_dir(converted, out_dir, target="onnxruntime", moe=moe)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    click.echo(f"{target} {precision} model: {path / 'model.onnx'}")
+
+
+@main.command()
+@click.argument("src_dir", type=click.Path(path_type=Path))
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Output directory.")
+@click.option("--target", type=click.Choice(["tensorrt", "tensorrt-rtx"]),
+              help="[default: tensorrt if installed, else tensorrt-rtx]")
+@click.option("--sm", "sms", callback=_parse_sms, help="TensorRT-RTX ahead-of-time targets, e.g. 89,120.")
+@click.option("--max-batch", type=click.IntRange(min=1), help="[default: the export's max_batch]")
+@click.option("--max-seq-len", type=click.IntRange(min=2), help="[default: the export's max_seq_len]")
+@click.option("--timing-cache", type=click.Path(path_type=Path), help="Timing cache file (read and updated).")
+@click.option("--quiet", is_flag=True, help="No progress output.")
+@_user_errors
+def engine(src_dir, out_dir, target, sms, max_batch, max_seq_len, timing_cache, quiet):  # fmt: skip
+    """Build a TensorRT or TensorRT-RTX plan from an export or a canonical-precision directory.
+
+    MoETop2 becomes the MixtralMoETop2 plugin (namespace mixtral, version 1); the plan and a
+    manifest (I/O table, profiles, TensorRT version, target SMs, plugin needs) go to --out.
+    """
+    from mixtral_trt.optimize.engine import build
+    from mixtral_trt.pipeline import choose_target
+
+    target, _ = choose_target(target)
+    if target == "onnxruntime":
+        raise click.UsageError(
+            "no TensorRT here: pip install tensorrt-rtx-cu13-libs tensorrt-rtx-cu13-bindings (or tensorrt-cu13)"
+        )
+    path = build(src_dir, out_dir, target=target, sms=list(sms) or None, max_batch=max_batch,
+                 max_seq_len=max_seq_len, timing_cache=timing_cache, progress=not quiet)  # fmt: skip
+    click.echo(f"{target} engine: {path / 'model.plan'}")
+
+
+@main.command()
+@click.argument("artifact_dir", type=click.Path(path_type=Path))
+@click.option("--verify", is_flag=True, help="Also re-hash every file against the manifest.")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+@_user_errors
+def inspect(artifact_dir, verify, as_json):
+    """Print what an artifact directory holds: model, precision, I/O, files, TensorRT needs."""
+    import json
+
+    from mixtral_trt.inspect import describe
+    from mixtral_trt.manifest import read_manifest
+
+    manifest = read_manifest(artifact_dir, verify=verify)
+    click.echo(json.dumps(manifest, indent=2) if as_json else describe(manifest))
+    if verify:
+        click.echo("all files match their sha256", err=True)
 
 
 def _parse_ids(ctx, param, values):
