@@ -221,6 +221,10 @@ def load_plugins(trt, build_dir: Path, plugins: tuple[dict, ...], extra: list[st
     for p in plugins:
         lib = p.get("library")
         if not lib:
+            if p.get("python"):  # built with our Python creator: register it in this process
+                import importlib
+
+                importlib.import_module(p["python"]).register(trt)
             continue
         path = overrides.pop(Path(lib).name, None) or (Path(lib) if Path(lib).is_absolute() else build_dir / lib)
         if not path.is_file():
