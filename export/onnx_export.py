@@ -8,8 +8,10 @@ bytes are copied from the safetensors shards into ``model.onnx.data`` in fixed-s
 from __future__ import annotations
 
 import hashlib
+import math
 import shutil
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -77,10 +79,21 @@ class DataWriter:
         return Initializer(name, refs[0].dtype, shape, start, self.offset - start)
 
     def array(self, name: str, value: np.ndarray) -> Initializer:
+        return self.stream(name, "float32", tuple(value.shape), [np.asarray(value, dtype=np.float32)])
+
+    def stream(self, name: str, dtype: str, shape: tuple[int, ...], chunks: Iterable[np.ndarray]) -> Initializer:
+        """One initializer of numpy ``dtype`` written from row-major ``chunks``, none held after it is written."""
         self._align()
-        start = self.offset
-        self._write(np.ascontiguousarray(value).astype("<f4", copy=False).tobytes())
-        return Initializer(name, "float32", tuple(value.shape), start, self.offset - start)
+        start, count = self.offset, 0
+        for chunk in chunks:
+            if chunk.dtype.name != dtype:
+                raise TypeError(f"{name}: chunk of dtype {chunk.dtype.name}, expected {dtype}")
+            # A byte view, not a copy (also for ml_dtypes' bfloat16, which has no buffer format).
+            self._write(np.ascontiguousarray(chunk).reshape(-1).view(np.uint8))
+            count += chunk.size
+        if count != math.prod(shape):
+            raise RuntimeError(f"{name}: wrote {count} elements for shape {list(shape)}, expected {math.prod(shape)}")
+        return Initializer(name, dtype, tuple(shape), start, self.offset - start)
 
     def close(self) -> str:
         self.file.close()

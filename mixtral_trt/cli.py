@@ -12,37 +12,47 @@ import click
 MODEL_HELP = "Checkpoint directory (Hugging Face layout, safetensors), or 'tiny' for the built-in random tiny Mixtral."
 
 
+# Errors that mean "your input is wrong": reported as one line, never a traceback. Looked up
+# only in modules already imported (a module that raised one is), so nothing heavy is loaded.
+_USER_ERRORS = {
+    "mixtral_trt.config": ("ConfigError",),
+    "mixtral_trt.manifest": ("ManifestError",),
+    "mixtral_trt.pipeline": ("PipelineError",),
+    "mixtral_trt.export.checkpoint": ("CheckpointError",),
+    "mixtral_trt.export.onnx_export": ("ExportError",),
+    "mixtral_trt.optimize.precision": ("PrecisionError",),
+    "mixtral_trt.optimize.engine": ("EngineBuildError",),
+    "mixtral_trt.optimize.trt_lowering": ("LoweringError",),
+    "mixtral_trt.plugins.moe_plugin": ("PluginFieldError", "PluginShapeError"),
+    "mixtral_trt.runtime.generator": ("GenerationError",),
+    "mixtral_trt.runtime.tokenizer": ("TokenizerError",),
+    "mixtral_trt.triton": ("TritonRepositoryError",),
+}
+
+
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    found: list[type[BaseException]] = [FileExistsError]
+    for module, names in _USER_ERRORS.items():
+        if module in sys.modules:
+            found += [getattr(sys.modules[module], n) for n in names if hasattr(sys.modules[module], n)]
+    return tuple(found)
+
+
 def _user_errors(fn):
     """Turn our validation errors into one clean 'Error: …' line and exit status 1."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from .config import ConfigError
-        from .manifest import ManifestError
-
-        from .pipeline import PipelineError
-
-        handled: tuple[type[BaseException], ...] = (ConfigError, ManifestError, FileExistsError, PipelineError)
-        try:
-            from mixtral_trt.runtime.generator import GenerationError
-            from mixtral_trt.runtime.tokenizer import TokenizerError
-
-            handled += (GenerationError, TokenizerError)
-        except ImportError:
-            pass
-        try:
-            from mixtral_trt.export.checkpoint import CheckpointError
-            from mixtral_trt.export.onnx_export import ExportError
-
-            handled += (CheckpointError, ExportError)
-        except ImportError:  # a missing heavy dependency is reported by the command itself
-            pass
         try:
             return fn(*args, **kwargs)
-        except handled as exc:
-            raise click.ClickException(str(exc)) from None
+        except click.ClickException:
+            raise
         except ImportError as exc:
             raise click.ClickException(f"{exc}. Install the missing package (see README: Install)") from None
+        except Exception as exc:
+            if isinstance(exc, _user_error_types()):
+                raise click.ClickException(str(exc)) from None
+            raise
 
     return wrapper
 
@@ -194,6 +204,9 @@ def optimize(src_dir, out_dir, precision, target, moe, int8_lm_head, int8_router
 
     if out_dir.exists() and out_dir.resolve() == src_dir.resolve():
         raise click.BadParameter("must differ from SRC_DIR", param_hint="--out")
+    from mixtral_trt.manifest import check_output_dir
+
+    check_output_dir(out_dir, "optimize")
     options = dict(int8_lm_head=int8_lm_head, int8_router=int8_router, progress=not quiet)
     if target == "canonical":
         path = convert(src_dir, out_dir, precision, **options)

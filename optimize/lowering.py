@@ -1,10 +1,12 @@
 """Lowering passes: replace ``mixtral.MoETop2`` with what a target runtime executes.
 
-``onnxruntime`` (CPU or CUDA) gets ``com.microsoft.MoE`` (fp32, SwiGLU with interleaved
-gate/up rows) or, with ``moe="decomposed"``, a dense decomposition into standard opset-24
-ops that any ONNX runtime runs (the portable reference; it computes every expert).
+``onnxruntime`` (CPU or CUDA) gets ``com.microsoft.MoE`` (SwiGLU with interleaved gate/up
+rows; fp32 or fp16 — ONNX Runtime 1.32 has both CPU kernels), ``com.microsoft.QMoE`` for int8
+experts, or, with ``moe="decomposed"``, a dense decomposition into standard opset-24 ops that
+any ONNX runtime runs (the portable reference; it computes every expert). The router logits
+are computed in fp32 whatever the activation dtype, as MoETop2 defines them.
 Weights are not rewritten: layout changes are graph ops on initializers, which runtimes
-fold once at load time, so the lowered model shares the export's data file.
+fold once at load time, so the lowered model shares its source's data file.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from onnx import TensorProto, helper
 
 from mixtral_trt.export import moe_op
 from mixtral_trt.fsutil import atomic_dir
-from mixtral_trt.manifest import check_output_dir, read_manifest, write_manifest
+from mixtral_trt.manifest import MANIFEST, ManifestError, check_output_dir, read_manifest, sha256_file, write_manifest
 
 MOE_LOWERINGS = ("contrib", "decomposed")
 
@@ -48,45 +50,86 @@ def _attrs(node: onnx.NodeProto) -> dict:
     return {k: v.decode() if isinstance(v, bytes) else v for k, v in values.items()}
 
 
-def _router_logits(b: _Nodes, hidden: str, router: str) -> str:
+def _type(types: dict[str, int] | None, name: str) -> int:
+    return (types or {}).get(name, TensorProto.FLOAT)
+
+
+def _router_logits(b: _Nodes, hidden: str, router: str, dtype: int = TensorProto.FLOAT) -> str:
+    """hidden [T, H] @ router^T → fp32 logits [T, E], whatever the activation dtype."""
+    if dtype != TensorProto.FLOAT:
+        hidden, router = (b.one("Cast", [x], to=TensorProto.FLOAT) for x in (hidden, router))
     return b.one("MatMul", [hidden, b.one("Transpose", [router], perm=[1, 0])])  # [T, E]
 
 
-def lower_moe_contrib(node: onnx.NodeProto) -> list[onnx.NodeProto]:
-    """MoETop2 → com.microsoft.MoE: interleave w1/w3 rows, plain SwiGLU (alpha 1, beta 0, no clamp)."""
+def _interleave(b: _Nodes, x: str) -> str:
+    """[E, 2I, ...] with w1 rows then w3 rows → w1 row, w3 row, ... (the layout swiglu_fusion=1 reads)."""
+    w1, w3 = b.add("Split", [x], n_out=2, axis=1, num_outputs=2)  # [E, I, ...] each
+    axis = b.ints([2])
+    paired = b.one("Concat", [b.one("Unsqueeze", [w1, axis]), b.one("Unsqueeze", [w3, axis])], axis=2)  # [E, I, 2, ...]
+    return b.one("Reshape", [paired, b.one("Shape", [x])])  # [E, 2I, ...]
+
+
+def _cast_to(b: _Nodes, x: str, types: dict[str, int] | None, dtype: int) -> str:
+    return x if _type(types, x) == dtype else b.one("Cast", [x], to=dtype)
+
+
+def _as_uint8(b: _Nodes, q: str) -> str:
+    """int8 q → uint8 q + 128. Cast int8→uint8 keeps the bits (ONNX Cast: out-of-range integers wrap in
+    two's complement), and flipping the top bit adds 128 modulo 256; one byte per weight throughout."""
+    top = helper.make_tensor(f"{b.prefix}/c{b.count + 1}", TensorProto.UINT8, [], [128])
+    return b.one("BitwiseXor", [b.one("Cast", [q], to=TensorProto.UINT8), b.one("Constant", [], value=top)])
+
+
+def _dequantize(b: _Nodes, q: str, scale: str, types: dict[str, int] | None, dtype: int) -> str:
+    """Per-output-channel int8 [E, R, C] with scales [E, R] → dtype [E, R, C]: DequantizeLinear(axis 0)
+    takes one 1-D scale per axis, so rows are flattened to [E·R, C] around it."""
+    rows = b.one("Concat", [b.ints([-1]), b.one("Shape", [q], start=2)], axis=0)  # [E·R, C]
+    flat = b.one("Reshape", [q, rows])
+    values = b.one("DequantizeLinear", [flat, b.one("Reshape", [_cast_to(b, scale, types, dtype), b.ints([-1])])],
+                   axis=0)  # fmt: skip
+    return b.one("Reshape", [values, b.one("Shape", [q])])
+
+
+def lower_moe_contrib(node: onnx.NodeProto, types: dict[str, int] | None = None) -> list[onnx.NodeProto]:
+    """MoETop2 → com.microsoft.MoE, or QMoE for int8: interleaved w1/w3 rows, plain SwiGLU (alpha 1, beta 0,
+    no clamp). ``types`` gives the element type of the node's inputs (default float32)."""
     hidden, router, w13, w2 = node.input[:4]
     a = _attrs(node)
+    dtype = _type(types, hidden)
     b = _Nodes(node.name or node.output[0])
-    logits = _router_logits(b, hidden, router)
-    w1, w3 = b.add("Split", [w13], n_out=2, axis=1, num_outputs=2)  # [E, I, H] each
-    axis = b.ints([2])
-    paired = b.one("Concat", [b.one("Unsqueeze", [w1, axis]), b.one("Unsqueeze", [w3, axis])], axis=2)  # [E, I, 2, H]
-    fc1 = b.one("Reshape", [paired, b.one("Shape", [w13])])  # [E, 2I, H]: w1 row, w3 row, ...
-    b.nodes.append(
-        helper.make_node(
-            "MoE",
-            [hidden, logits, fc1, "", w2],
-            [node.output[0]],
-            name=b.prefix + "/MoE",
-            domain="com.microsoft",
-            k=int(a.get("top_k", 2)),
-            activation_type="swiglu",
-            swiglu_fusion=1,
-            normalize_routing_weights=1,
-            activation_alpha=1.0,
-            activation_beta=0.0,
-            use_sparse_mixer=0,
-        )
-    )
+    logits = _router_logits(b, hidden, router, dtype)
+    if dtype != TensorProto.FLOAT:  # the kernels take router_probs in the activation dtype
+        logits = b.one("Cast", [logits], to=dtype)
+    common = dict(k=int(a.get("top_k", 2)), activation_type="swiglu", swiglu_fusion=1, normalize_routing_weights=1,
+                  activation_alpha=1.0, activation_beta=0.0, use_sparse_mixer=0)  # fmt: skip
+    if a.get("quantization", "none") == "int8":
+        # QMoE runs our weights exactly: with expert_weight_bits=8, no block_size (one scale per output
+        # row), raw [E, N, K] layout (weights_prepacked=0) and no zero points, its CPU kernel computes
+        # (u - 128) · scale from uint8 u; u = q + 128 makes that q · scale (checked against MoE on
+        # dequantized weights: equal to 6e-7 in fp32). So no dequantized copy of the experts is made.
+        s13, s2 = (_cast_to(b, s, types, dtype) for s in node.input[4:6])
+        inputs = [hidden, logits, _as_uint8(b, _interleave(b, w13)), _interleave(b, s13), "",
+                  _as_uint8(b, w2), s2]  # fmt: skip
+        op, extra = "QMoE", dict(expert_weight_bits=8, quant_type="int", weights_prepacked=0)
+    else:
+        inputs, op, extra = [hidden, logits, _interleave(b, w13), "", w2], "MoE", {}
+    b.nodes.append(helper.make_node(op, inputs, [node.output[0]], name=f"{b.prefix}/{op}", domain="com.microsoft",
+                                    **common, **extra))  # fmt: skip
     return b.nodes
 
 
-def lower_moe_decomposed(node: onnx.NodeProto) -> list[onnx.NodeProto]:
-    """MoETop2 → standard ops, dense over experts (T = tokens, E = experts, I = FFN size)."""
+def lower_moe_decomposed(node: onnx.NodeProto, types: dict[str, int] | None = None) -> list[onnx.NodeProto]:
+    """MoETop2 → standard ops, dense over experts (T = tokens, E = experts, I = FFN size).
+
+    Routing and the weighted sum of expert outputs run in fp32 (as the eager op); the experts'
+    matmuls in the activation dtype; int8 experts are dequantized first."""
     hidden, router, w13, w2 = node.input[:4]
-    k = int(_attrs(node).get("top_k", 2))
+    a = _attrs(node)
+    k, dtype = int(a.get("top_k", 2)), _type(types, hidden)
     b = _Nodes(node.name or node.output[0])
-    probs = b.one("Softmax", [_router_logits(b, hidden, router)], axis=-1)  # [T, E]
+    if a.get("quantization", "none") == "int8":
+        w13, w2 = (_dequantize(b, w, s, types, dtype) for w, s in zip((w13, w2), node.input[4:6], strict=True))
+    probs = b.one("Softmax", [_router_logits(b, hidden, router, dtype)], axis=-1)  # [T, E]
     top_w, top_e = b.add("TopK", [probs, b.ints([k])], n_out=2, axis=-1)  # [T, A] each
     top_w = b.one("Div", [top_w, b.one("ReduceSum", [top_w, b.ints([-1])], keepdims=1)])  # renormalised
     dense = b.one("ScatterElements", [b.one("Mul", [probs, b.one("Constant", [], value_float=0.0)]), top_e, top_w],
@@ -95,12 +138,23 @@ def lower_moe_decomposed(node: onnx.NodeProto) -> list[onnx.NodeProto]:
     gate, up = b.add("Split", [h13], n_out=2, axis=-1, num_outputs=2)  # [E, T, I] each
     act = b.one("Mul", [b.one("Mul", [gate, b.one("Sigmoid", [gate])]), up])  # silu(gate) * up
     y = b.one("MatMul", [act, b.one("Transpose", [w2], perm=[0, 2, 1])])  # [E, T, H]
+    if dtype != TensorProto.FLOAT:
+        y = b.one("Cast", [y], to=TensorProto.FLOAT)
     weight = b.one("Unsqueeze", [b.one("Transpose", [dense], perm=[1, 0]), b.ints([-1])])  # [E, T, 1]
-    b.nodes.append(
-        helper.make_node("ReduceSum", [b.one("Mul", [y, weight]), b.ints([0])], [node.output[0]], keepdims=0,
-                         name=b.prefix + "/ReduceSum")  # fmt: skip
-    )
+    total = [node.output[0]] if dtype == TensorProto.FLOAT else [f"{b.prefix}/sum_fp32"]
+    b.nodes.append(helper.make_node("ReduceSum", [b.one("Mul", [y, weight]), b.ints([0])], total, keepdims=0,
+                                    name=b.prefix + "/ReduceSum"))  # fmt: skip
+    if dtype != TensorProto.FLOAT:
+        b.nodes.append(helper.make_node("Cast", total, [node.output[0]], to=dtype, name=b.prefix + "/CastOut"))
     return b.nodes
+
+
+def _value_types(model: onnx.ModelProto) -> dict[str, int]:
+    """Element type of every value (initializers, graph inputs, the rest by onnx shape inference)."""
+    g = onnx.shape_inference.infer_shapes(model).graph
+    types = {v.name: v.type.tensor_type.elem_type for v in (*g.value_info, *g.input, *g.output)}
+    types.update({i.name: i.data_type for i in g.initializer})
+    return {name: t for name, t in types.items() if t}
 
 
 def lower_for_onnxruntime(model: onnx.ModelProto, moe: str = "contrib") -> onnx.ModelProto:
@@ -110,12 +164,15 @@ def lower_for_onnxruntime(model: onnx.ModelProto, moe: str = "contrib") -> onnx.
     rewrite = lower_moe_contrib if moe == "contrib" else lower_moe_decomposed
     out = onnx.ModelProto()
     out.CopyFrom(model)
+    types = None
     nodes = []
     for node in out.graph.node:
         if node.domain == moe_op.MOE_DOMAIN and node.op_type == moe_op.MOE_OP:
-            if _attrs(node).get("quantization", "none") != "none":
-                raise ValueError(f"{node.name}: quantized MoETop2 has no ONNX Runtime lowering here")
-            nodes.extend(rewrite(node))
+            quantization = _attrs(node).get("quantization", "none")
+            if quantization not in ("none", "int8"):
+                raise ValueError(f"{node.name}: MoETop2 quantization {quantization!r} has no ONNX Runtime lowering")
+            types = _value_types(model) if types is None else types
+            nodes.extend(rewrite(node, types))
         else:
             nodes.append(node)
     del out.graph.node[:]
@@ -127,25 +184,44 @@ def lower_for_onnxruntime(model: onnx.ModelProto, moe: str = "contrib") -> onnx.
     return out
 
 
-def lower_export_dir(export_dir: str | Path, out_dir: str | Path, moe: str = "contrib") -> Path:
-    """Write an ONNX Runtime model for an export directory; the data file is hard-linked, not copied."""
-    export_dir, out_dir = Path(export_dir), Path(out_dir)
-    manifest = read_manifest(export_dir, "export", verify=False)
+def lower_dir(src_dir: str | Path, out_dir: str | Path, target: str = "onnxruntime", moe: str = "contrib") -> Path:
+    """Write an ONNX Runtime model for an export or a canonical precision output ('optimize' stage,
+    target 'canonical'); the data file is hard-linked, not copied."""
+    if target != "onnxruntime":
+        raise ValueError(f"target {target!r}: lower_dir lowers for 'onnxruntime' only")
+    src_dir, out_dir = Path(src_dir), Path(out_dir)
+    manifest = read_manifest(src_dir, ("export", "optimize"), verify=False)
+    previous = manifest.get("optimize", {})
+    if manifest["stage"] == "optimize" and previous.get("target") != "canonical":
+        raise ManifestError(
+            f"{src_dir} is already lowered for {previous.get('target')!r}; lower an export or a precision "
+            "output (optimize target 'canonical') instead"
+        )
     check_output_dir(out_dir, "optimize")
     info = manifest["export"]
-    model = onnx.load(str(export_dir / info["model_file"]), load_external_data=False)
+    model = onnx.load(str(src_dir / info["model_file"]), load_external_data=False)
     lowered = lower_for_onnxruntime(model, moe)
     with atomic_dir(out_dir) as tmp:
         (tmp / info["model_file"]).write_bytes(lowered.SerializeToString())
-        for path in export_dir.iterdir():
-            if path.is_file() and path.name not in (info["model_file"], "manifest.json"):
+        for path in src_dir.iterdir():
+            if path.is_file() and path.name not in (info["model_file"], MANIFEST):
                 _link_or_copy(path, tmp / path.name)
         body = {k: v for k, v in manifest.items() if k not in ("format", "format_version", "stage", "files", "tools")}
-        body["optimize"] = {"target": "onnxruntime", "precision": "fp32", "moe": moe,
-                            "source": str(export_dir.resolve())}  # fmt: skip
+        body["optimize"] = {
+            **{k: v for k, v in previous.items() if k not in ("target", "source")},  # precision, int8 options
+            "target": "onnxruntime",
+            "precision": previous.get("precision", info["precision"]),
+            "moe": moe,
+            "source": {"dir": str(src_dir.resolve()), "manifest_sha256": sha256_file(src_dir / MANIFEST)},
+        }
         hashes = {name: e["sha256"] for name, e in manifest["files"].items() if name != info["model_file"]}
         write_manifest(tmp, "optimize", body, hashes)
     return out_dir
+
+
+def lower_export_dir(export_dir: str | Path, out_dir: str | Path, moe: str = "contrib") -> Path:
+    """``lower_dir(export_dir, out_dir, "onnxruntime", moe)``, under its earlier name."""
+    return lower_dir(export_dir, out_dir, "onnxruntime", moe)
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:

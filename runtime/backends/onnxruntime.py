@@ -15,6 +15,8 @@ import numpy as np
 
 from mixtral_trt.export import moe_op  # noqa: F401  (registers the MoETop2 schema for onnx)
 
+from ..generator import GenerationError
+
 
 class OnnxRuntimeBackend:
     name = "onnxruntime"
@@ -34,10 +36,15 @@ class OnnxRuntimeBackend:
         if threads:
             options.intra_op_num_threads = threads
         options.log_severity_level = log_severity  # 3: keep ORT's per-run notes off the user's terminal
+        # int8 builds: ORT fuses DequantizeLinear → MatMul into MatMulNBits, by default with int8
+        # activations (accuracy level 4), a second quantization the graph does not ask for (10× the
+        # logit error of the weights' own). Level 1 keeps the activations in floating point.
+        options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
         model = _model_bytes(build_dir, manifest, options)
         self.providers = providers or _default_providers(ort)
         self.session = ort.InferenceSession(model, options, providers=self.providers)
         shape = (self.max_batch, cfg["num_key_value_heads"], self.max_seq_len, cfg["head_dim"])
+        self.cache_dtype = _cache_dtype(manifest)  # float16 for fp16 and int8 builds
         # One buffer per (layer, kind); bound as input and output, never reallocated. With the
         # CUDA provider the cache lives on the GPU (OrtValues), else in numpy arrays.
         self._cache_shape = shape
@@ -45,10 +52,10 @@ class OnnxRuntimeBackend:
         self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
         keys = [(i, kind) for i in range(self.layers) for kind in ("key", "value")]
         if self.device == "cuda":
-            zeros = np.zeros(shape, np.float32)
+            zeros = np.zeros(shape, self.cache_dtype)
             self.cache = {k: ort.OrtValue.ortvalue_from_numpy(zeros, "cuda", 0) for k in keys}
         else:
-            self.cache = {k: np.zeros(shape, np.float32) for k in keys}
+            self.cache = {k: np.zeros(shape, self.cache_dtype) for k in keys}
 
     def cache_address(self, layer: int, kind: str) -> int:
         buf = self.cache[(layer, kind)]
@@ -71,8 +78,8 @@ class OnnxRuntimeBackend:
             for i, kind in self.cache:
                 # The leading B rows of a row-major [max_batch, ...] buffer start at its base address.
                 ptr, shape = self.cache_address(i, kind), (B, *self._cache_shape[1:])
-                binding.bind_input(f"past_key_values.{i}.{kind}", self.device, 0, np.float32, shape, ptr)
-                binding.bind_output(f"present.{i}.{kind}", self.device, 0, np.float32, shape, ptr)
+                binding.bind_input(f"past_key_values.{i}.{kind}", self.device, 0, self.cache_dtype, shape, ptr)
+                binding.bind_output(f"present.{i}.{kind}", self.device, 0, self.cache_dtype, shape, ptr)
             self._bindings[B] = binding
         return self._bindings[B]
 
@@ -82,10 +89,27 @@ def _default_providers(ort) -> list[str]:
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
 
 
+def _cache_dtype(manifest: dict) -> type:
+    """The KV cache dtype from the manifest's I/O table (past and present caches share it)."""
+    import ml_dtypes
+
+    dtypes = {e["dtype"] for e in manifest["io"]["inputs"] if e["name"].startswith("past_key_values.")}
+    known = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
+    if len(dtypes) != 1 or not dtypes <= known.keys():
+        raise GenerationError(f"manifest I/O table gives KV cache dtypes {sorted(dtypes)}; expected one of "
+                              f"{sorted(known)}")  # fmt: skip
+    return known[dtypes.pop()]
+
+
 def _model_bytes(build_dir: Path, manifest: dict, options) -> bytes | str:
-    """The ONNX Runtime model: an optimize-stage model as is, an export lowered in memory."""
-    if manifest["stage"] == "optimize":
+    """The ONNX Runtime model: an 'onnxruntime'-target model as is; an export or a canonical
+    precision output ('optimize' stage, target 'canonical') lowered in memory."""
+    target = manifest.get("optimize", {}).get("target") if manifest["stage"] == "optimize" else None
+    if target == "onnxruntime":
         return str(build_dir / manifest["export"]["model_file"])
+    if manifest["stage"] == "optimize" and target != "canonical":
+        raise GenerationError(f"{build_dir} is an optimize output for target {target!r}; ONNX Runtime loads "
+                              "exports and optimize outputs of target 'canonical' or 'onnxruntime'")  # fmt: skip
     import onnx
 
     from mixtral_trt.optimize.lowering import lower_for_onnxruntime
