@@ -1,0 +1,136 @@
+// Shared device helpers of the MoETop2 kernels: element types, 16-byte loads, int8 -> fp16/bf16
+// conversion, and the m16n8k16 tensor-core instruction (sm_80+, also sm_89/90a/120).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+namespace moe {
+
+constexpr int kTopK = 2;
+
+template <typename T>
+struct Elem;
+template <>
+struct Elem<half> {
+    static __device__ __forceinline__ float to_float(half x) { return __half2float(x); }
+    static __device__ __forceinline__ half from_float(float x) { return __float2half_rn(x); }
+    static __device__ __forceinline__ uint32_t pack2(float a, float b) {
+        __half2 h = __floats2half2_rn(a, b);
+        return *reinterpret_cast<uint32_t*>(&h);
+    }
+    static __device__ __forceinline__ float2 unpack2(uint32_t v) {
+        return __half22float2(*reinterpret_cast<__half2*>(&v));
+    }
+};
+template <>
+struct Elem<__nv_bfloat16> {
+    static __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+    static __device__ __forceinline__ __nv_bfloat16 from_float(float x) { return __float2bfloat16_rn(x); }
+    static __device__ __forceinline__ uint32_t pack2(float a, float b) {
+        __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
+        return *reinterpret_cast<uint32_t*>(&h);
+    }
+    static __device__ __forceinline__ float2 unpack2(uint32_t v) {
+        return __bfloat1622float2(*reinterpret_cast<__nv_bfloat162*>(&v));
+    }
+};
+
+// Weights are streamed once: skip L1, ask L2 for 256-byte prefetch.
+__device__ __forceinline__ uint4 ld_stream(const void* p) {
+    uint4 v;
+    asm("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(p));
+    return v;
+}
+
+__device__ __forceinline__ uint4 ld_cached(const void* p) { return __ldg(reinterpret_cast<const uint4*>(p)); }
+
+__device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
+    uint32_t d;
+    asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
+    return d;
+}
+
+// Four int8 (little-endian in w) -> two packed pairs {e0,e1}, {e2,e3}, exactly.
+template <typename T>
+struct I8;
+template <>
+struct I8<half> {
+    // 0x64XX as fp16 is 1024 + XX; with the sign bit flipped XX = x + 128, so subtract 1152.
+    static __device__ __forceinline__ void cvt4(uint32_t w, uint32_t& lo, uint32_t& hi) {
+        const uint32_t u = w ^ 0x80808080u;
+        lo = prmt(u, 0x64646464u, 0x4140u);
+        hi = prmt(u, 0x64646464u, 0x4342u);
+        const uint32_t magic = 0x64806480u;
+        asm("sub.f16x2 %0, %1, %2;" : "=r"(lo) : "r"(lo), "r"(magic));
+        asm("sub.f16x2 %0, %1, %2;" : "=r"(hi) : "r"(hi), "r"(magic));
+    }
+};
+template <>
+struct I8<__nv_bfloat16> {
+    // 0x4B0000XX as fp32 is 2^23 + XX; subtract 2^23 + 128, then keep the top 16 bits (exact:
+    // integers of magnitude <= 128 are bf16 values).
+    static __device__ __forceinline__ void cvt4(uint32_t w, uint32_t& lo, uint32_t& hi) {
+        const uint32_t u = w ^ 0x80808080u;
+        float f[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) f[i] = __uint_as_float(prmt(u, 0x4B000000u, 0x7540u | i)) - 8388736.0f;
+        lo = prmt(__float_as_uint(f[0]), __float_as_uint(f[1]), 0x7632u);
+        hi = prmt(__float_as_uint(f[2]), __float_as_uint(f[3]), 0x7632u);
+    }
+};
+
+// D = A(16x16, row) * B(16x8, col) + D, fp32 accumulators. Fragment layout (g = lane / 4,
+// q = lane % 4): a0 (row g, k 2q..2q+1), a1 (row g+8, same k), a2 (row g, k 2q+8..), a3 (row g+8,
+// k 2q+8..); b0 (k 2q..2q+1, col g), b1 (k 2q+8.., col g); c0,c1 (row g, cols 2q, 2q+1),
+// c2,c3 (row g+8, same cols).
+template <typename T>
+__device__ __forceinline__ void mma16816(float* c, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
+                                         uint32_t b1);
+template <>
+__device__ __forceinline__ void mma16816<half>(float* c, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                               uint32_t b0, uint32_t b1) {
+    asm(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+template <>
+__device__ __forceinline__ void mma16816<__nv_bfloat16>(float* c, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                                        uint32_t b0, uint32_t b1) {
+    asm(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ float silu(float x) { return x / (1.0f + __expf(-x)); }
+
+__device__ __forceinline__ float load_scale(const void* s, size_t i, bool fp32) {
+    return fp32 ? static_cast<const float*>(s)[i] : __half2float(static_cast<const half*>(s)[i]);
+}
+
+// Arguments shared by the decode and prefill expert GEMMs. GEMM1 (gated): x = hidden gathered
+// through perm, w = w13 [E, 2N, K], out = act [A, N]. GEMM2: x = act [A, K], w = w2 [E, N, K],
+// out = y [A, N] at row perm[r] (assignment order).
+struct GemmArgs {
+    const void* x;
+    const void* w;
+    const void* scale;  // [E, rows of w] or null
+    void* out;
+    const int* offsets;   // [E + 1]
+    const int* perm;      // [A]
+    const int* active;    // [E]
+    const int* counters;  // {tiles, active experts}
+    const int4* tiles;    // prefill row tiles
+    int K;                // reduction length
+    int N;                // outputs per expert (GEMM1: I, GEMM2: H)
+    int scale_fp32;
+};
+
+}  // namespace moe

@@ -1,0 +1,367 @@
+// mixtral.MoETop2 kernels and their C ABI (see moe_top2.h for the contract and the workspace
+// layout, README.md for the design). No host synchronisation, no allocation: one enqueue is
+// five kernel launches on the caller's stream (router, permute, GEMM1, GEMM2, combine).
+#include <cuda_runtime.h>
+
+#include <cstdarg>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+
+#include "common.cuh"
+#include "decode.cuh"
+#include "moe_top2.h"
+#include "prefill.cuh"
+
+namespace moe {
+
+constexpr int kRouterWarps = 8;
+
+// A CTA routes kRouterWarps tokens: its warps share the (token, expert) dot products (at T=1
+// each warp takes one expert, so the E logits come in parallel), then one thread per token
+// takes softmax, top-2 (lowest index wins ties) and renormalises exactly as softmax -> topk ->
+// divide by their sum.
+template <typename T, typename R>
+__global__ void __launch_bounds__(kRouterWarps * 32)
+    router_kernel(const T* hidden, const R* router, int tokens, int H, int E, int* ids, float* wts) {
+    __shared__ float logits[kRouterWarps][MOE_MAX_EXPERTS];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int t0 = blockIdx.x * kRouterWarps, nt = min(kRouterWarps, tokens - t0);
+    for (int pair = warp; pair < nt * E; pair += kRouterWarps) {
+        const int tt = pair / E, e = pair % E;
+        const T* x = hidden + static_cast<size_t>(t0 + tt) * H;
+        const R* r = router + static_cast<size_t>(e) * H;
+        float acc = 0.f;
+#pragma unroll 4
+        for (int k = lane * 8; k < H; k += 256) {
+            const uint4 xv = ld_cached(x + k);
+            const uint32_t* xw = reinterpret_cast<const uint32_t*>(&xv);
+            float rf[8];
+            if constexpr (sizeof(R) == 4) {
+                const float4 a = __ldg(reinterpret_cast<const float4*>(r + k));
+                const float4 b = __ldg(reinterpret_cast<const float4*>(r + k + 4));
+                rf[0] = a.x, rf[1] = a.y, rf[2] = a.z, rf[3] = a.w, rf[4] = b.x, rf[5] = b.y, rf[6] = b.z, rf[7] = b.w;
+            } else {
+                const uint4 rv = ld_cached(r + k);
+                const uint32_t* rw = reinterpret_cast<const uint32_t*>(&rv);
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    const float2 f = Elem<T>::unpack2(rw[i]);
+                    rf[2 * i] = f.x, rf[2 * i + 1] = f.y;
+                }
+            }
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const float2 f = Elem<T>::unpack2(xw[i]);
+                acc = fmaf(f.x, rf[2 * i], acc);
+                acc = fmaf(f.y, rf[2 * i + 1], acc);
+            }
+        }
+#pragma unroll
+        for (int off = 16; off; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+        if (lane == 0) logits[tt][e] = acc;
+    }
+    __syncthreads();
+    if (static_cast<int>(threadIdx.x) >= nt) return;
+    const int t = t0 + threadIdx.x;
+    const float* l = logits[threadIdx.x];
+    int i0 = 0;
+    for (int e = 1; e < E; ++e)
+        if (l[e] > l[i0]) i0 = e;
+    int i1 = i0 == 0 ? 1 : 0;
+    for (int e = 0; e < E; ++e)
+        if (e != i0 && l[e] > l[i1]) i1 = e;
+    float s = 0.f;
+    for (int e = 0; e < E; ++e) s += expf(l[e] - l[i0]);
+    const float p0 = 1.f / s, p1 = expf(l[i1] - l[i0]) / s, d = p0 + p1;
+    ids[2 * t] = i0;
+    ids[2 * t + 1] = i1;
+    wts[2 * t] = p0 / d;
+    wts[2 * t + 1] = p1 / d;
+}
+
+// One CTA: per-expert counts, offsets, active-expert list, prefill row tiles, and a stable
+// permutation (warp per expert, ballot + popc), all left on the device.
+__global__ void __launch_bounds__(1024) permute_kernel(const int* ids, int A, int E, int* offsets, int* counters,
+                                                       int* active, int* perm, int4* tiles) {
+    __shared__ int cnt[MOE_MAX_EXPERTS], off[MOE_MAX_EXPERTS + 1], toff[MOE_MAX_EXPERTS], aidx[MOE_MAX_EXPERTS];
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nwarps = blockDim.x >> 5;
+    for (int e = tid; e < E; e += blockDim.x) cnt[e] = 0;
+    __syncthreads();
+    for (int a = tid; a < A; a += blockDim.x) atomicAdd(&cnt[ids[a]], 1);
+    __syncthreads();
+    if (tid == 0) {
+        int o = 0, to = 0, na = 0;
+        for (int e = 0; e < E; ++e) {
+            off[e] = o, toff[e] = to, aidx[e] = na;
+            o += cnt[e];
+            to += (cnt[e] + kBM - 1) / kBM;
+            na += cnt[e] > 0;
+        }
+        off[E] = o;
+        counters[0] = to, counters[1] = na, counters[2] = 0, counters[3] = 0;
+    }
+    __syncthreads();
+    for (int e = tid; e <= E; e += blockDim.x) offsets[e] = off[e];
+    for (int e = tid; e < E; e += blockDim.x) {
+        if (cnt[e] == 0) continue;
+        active[aidx[e]] = e;
+        for (int m = 0; m * kBM < cnt[e]; ++m)
+            tiles[toff[e] + m] = make_int4(e, off[e] + m * kBM, off[e] + min(cnt[e], (m + 1) * kBM), 0);
+    }
+    for (int e = warp; e < E; e += nwarps) {
+        if (cnt[e] == 0) continue;
+        int base = off[e];
+        for (int c = 0; c < A; c += 32) {
+            const int a = c + lane;
+            const bool hit = a < A && ids[a] == e;
+            const unsigned b = __ballot_sync(0xffffffffu, hit);
+            if (hit) perm[base + __popc(b & ((1u << lane) - 1u))] = a;
+            base += __popc(b);
+        }
+    }
+}
+
+// out[t] = w0 * y[2t] + w1 * y[2t+1], each product rounded, then one rounded sum: the same
+// value in either order, and the same as the reference's index_add into zeros.
+template <typename T>
+__global__ void combine_kernel(const T* y, const float* wts, T* out, int tokens, int H) {
+    const int h8 = H / 8;
+    const size_t i = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (i >= static_cast<size_t>(tokens) * h8) return;
+    const size_t t = i / h8, c = (i % h8) * 8;
+    const uint4 a = ld_cached(y + (2 * t) * H + c), b = ld_cached(y + (2 * t + 1) * H + c);
+    const float w0 = wts[2 * t], w1 = wts[2 * t + 1];
+    const uint32_t* aw = reinterpret_cast<const uint32_t*>(&a);
+    const uint32_t* bw = reinterpret_cast<const uint32_t*>(&b);
+    uint4 o;
+    uint32_t* ow = reinterpret_cast<uint32_t*>(&o);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+        const float2 fa = Elem<T>::unpack2(aw[k]), fb = Elem<T>::unpack2(bw[k]);
+        ow[k] = Elem<T>::pack2(__fadd_rn(__fmul_rn(w0, fa.x), __fmul_rn(w1, fb.x)),
+                               __fadd_rn(__fmul_rn(w0, fa.y), __fmul_rn(w1, fb.y)));
+    }
+    *reinterpret_cast<uint4*>(out + t * H + c) = o;
+}
+
+}  // namespace moe
+
+// ------------------------------------------------------------------------------------------
+// Host side: workspace layout, validation, dispatch.
+// ------------------------------------------------------------------------------------------
+namespace {
+
+using namespace moe;
+
+thread_local char g_error[512] = "";
+
+int fail(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
+int fail(const char* fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(g_error, sizeof(g_error), fmt, ap);
+    va_end(ap);
+    return static_cast<int>(cudaErrorInvalidValue);
+}
+
+struct Layout {
+    size_t ids, wts, offsets, counters, active, perm, tiles, act, y, total;
+};
+
+size_t align256(size_t x) { return (x + 255) & ~static_cast<size_t>(255); }
+
+Layout layout(size_t T, size_t H, size_t I, size_t E, size_t act_size) {
+    const size_t A = T * kTopK, max_tiles = (A + kBM - 1) / kBM + E;
+    Layout L{};
+    size_t o = 0;
+    L.ids = o, o = align256(o + 4 * A);
+    L.wts = o, o = align256(o + 4 * A);
+    L.offsets = o, o = align256(o + 4 * (E + 1));
+    L.counters = o, o = align256(o + 4 * 4);
+    L.active = o, o = align256(o + 4 * E);
+    L.perm = o, o = align256(o + 4 * A);
+    L.tiles = o, o = align256(o + 16 * max_tiles);
+    L.act = o, o = align256(o + act_size * A * I);
+    L.y = o, o = align256(o + act_size * A * H);
+    L.total = o;
+    return L;
+}
+
+const char* dtype_name(int d) {
+    switch (d) {
+        case MOE_DTYPE_FP32: return "fp32";
+        case MOE_DTYPE_FP16: return "fp16";
+        case MOE_DTYPE_INT8: return "int8";
+        case MOE_DTYPE_BF16: return "bf16";
+        default: return "unknown";
+    }
+}
+
+int check_shapes(long T, long H, long I, long E, int top_k, int act_dtype) {
+    if (top_k != kTopK) return fail("top_k=%d; these kernels implement top_k=2 only", top_k);
+    if (T < 0 || T > (1L << 28)) return fail("tokens=%ld; expected 0..%ld", T, 1L << 28);
+    if (H <= 0 || H % 64) return fail("hidden=%ld; expected a positive multiple of 64", H);
+    if (I <= 0 || I % 64 || I / 64 > 65535) return fail("inter=%ld; expected a positive multiple of 64", I);
+    if (E < 2 || E > MOE_MAX_EXPERTS) return fail("experts=%ld; expected 2..%d", E, MOE_MAX_EXPERTS);
+    if (act_dtype != MOE_DTYPE_FP16 && act_dtype != MOE_DTYPE_BF16)
+        return fail("act_dtype=%d (%s); expected fp16 (%d) or bf16 (%d)", act_dtype, dtype_name(act_dtype),
+                    MOE_DTYPE_FP16, MOE_DTYPE_BF16);
+    return 0;
+}
+
+int check_pointer(const char* name, const void* p, size_t align) {
+    if (p == nullptr) return fail("%s is null", name);
+    if (reinterpret_cast<uintptr_t>(p) % align) return fail("%s=%p is not %zu-byte aligned", name, p, align);
+    return 0;
+}
+
+int validate(const MoeTop2Params* p, const void* workspace) {
+    if (p == nullptr) return fail("params is null");
+    if (int rc = check_shapes(p->tokens, p->hidden_size, p->inter_size, p->num_experts, p->top_k, p->act_dtype)) return rc;
+    if (p->router_dtype != p->act_dtype && p->router_dtype != MOE_DTYPE_FP32)
+        return fail("router_dtype=%d (%s); expected the activations' %s or fp32", p->router_dtype,
+                    dtype_name(p->router_dtype), dtype_name(p->act_dtype));
+    const bool w8 = p->weight_dtype == MOE_DTYPE_INT8;
+    if (p->weight_dtype != p->act_dtype && !w8)
+        return fail("weight_dtype=%d (%s); expected the activations' %s or int8", p->weight_dtype,
+                    dtype_name(p->weight_dtype), dtype_name(p->act_dtype));
+    if (w8 && p->scale_dtype != MOE_DTYPE_FP16 && p->scale_dtype != MOE_DTYPE_FP32)
+        return fail("scale_dtype=%d (%s); int8 weights need fp16 or fp32 scales", p->scale_dtype,
+                    dtype_name(p->scale_dtype));
+    if ((p->flags & ~(MOE_FLAG_FORCE_DECODE | MOE_FLAG_FORCE_PREFILL)) ||
+        (p->flags & MOE_FLAG_FORCE_DECODE && p->flags & MOE_FLAG_FORCE_PREFILL))
+        return fail("flags=%d; expected 0, %d (force decode) or %d (force prefill)", p->flags,
+                    MOE_FLAG_FORCE_DECODE, MOE_FLAG_FORCE_PREFILL);
+    if (p->tokens == 0) return 0;
+    if (int rc = check_pointer("workspace", workspace, 256)) return rc;
+    if (int rc = check_pointer("hidden", p->hidden, 16)) return rc;
+    if (int rc = check_pointer("router", p->router, 16)) return rc;
+    if (int rc = check_pointer("w13", p->w13, 16)) return rc;
+    if (int rc = check_pointer("w2", p->w2, 16)) return rc;
+    if (int rc = check_pointer("out", p->out, 16)) return rc;
+    if (w8) {
+        const size_t s = p->scale_dtype == MOE_DTYPE_FP32 ? 4 : 2;
+        if (int rc = check_pointer("w13_scale", p->w13_scale, s)) return rc;
+        if (int rc = check_pointer("w2_scale", p->w2_scale, s)) return rc;
+    }
+    return 0;
+}
+
+#define MOE_LAUNCH_CHECK()                                 \
+    do {                                                   \
+        const cudaError_t err_ = cudaGetLastError();       \
+        if (err_ != cudaSuccess) return launch_error(err_); \
+    } while (0)
+
+int launch_error(cudaError_t err) {
+    snprintf(g_error, sizeof(g_error), "kernel launch failed: %s (%s)", cudaGetErrorName(err),
+             cudaGetErrorString(err));
+    return static_cast<int>(err);
+}
+
+template <typename T, bool W8, int NT>
+int decode_pair(const GemmArgs& g1, const GemmArgs& g2, int slots, cudaStream_t s) {
+    decode_gemm<T, W8, true, NT><<<dim3(g1.N / 16, slots), decode_warps(NT) * 32, 0, s>>>(g1);
+    MOE_LAUNCH_CHECK();
+    decode_gemm<T, W8, false, NT><<<dim3(g2.N / 16, slots), decode_warps(NT) * 32, 0, s>>>(g2);
+    MOE_LAUNCH_CHECK();
+    return 0;
+}
+
+template <typename T, bool W8>
+int decode_gemms(int nt, const GemmArgs& g1, const GemmArgs& g2, int slots, cudaStream_t s) {
+    switch (nt) {
+        case 1: return decode_pair<T, W8, 1>(g1, g2, slots, s);
+        case 2: return decode_pair<T, W8, 2>(g1, g2, slots, s);
+        case 4: return decode_pair<T, W8, 4>(g1, g2, slots, s);
+        default: return decode_pair<T, W8, 8>(g1, g2, slots, s);
+    }
+}
+
+template <typename T, bool W8>
+int prefill_gemms(const GemmArgs& g1, const GemmArgs& g2, int max_tiles, cudaStream_t s) {
+    constexpr int smem = PrefillSmem<W8>::kBytes;
+    cudaError_t err = cudaFuncSetAttribute(prefill_gemm<T, W8, true>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    if (err == cudaSuccess)
+        err = cudaFuncSetAttribute(prefill_gemm<T, W8, false>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    if (err != cudaSuccess) return launch_error(err);
+    prefill_gemm<T, W8, true><<<dim3(max_tiles, g1.N / (kBN / 2)), kPrefillThreads, smem, s>>>(g1);
+    MOE_LAUNCH_CHECK();
+    prefill_gemm<T, W8, false><<<dim3(max_tiles, (g2.N + kBN - 1) / kBN), kPrefillThreads, smem, s>>>(g2);
+    MOE_LAUNCH_CHECK();
+    return 0;
+}
+
+template <typename T>
+int enqueue(const MoeTop2Params& p, char* ws, cudaStream_t s) {
+    const int T_ = p.tokens, H = p.hidden_size, I = p.inter_size, E = p.num_experts, A = T_ * kTopK;
+    const Layout L = layout(T_, H, I, E, sizeof(T));
+    int* ids = reinterpret_cast<int*>(ws + L.ids);
+    float* wts = reinterpret_cast<float*>(ws + L.wts);
+    int* offsets = reinterpret_cast<int*>(ws + L.offsets);
+    int* counters = reinterpret_cast<int*>(ws + L.counters);
+    int* active = reinterpret_cast<int*>(ws + L.active);
+    int* perm = reinterpret_cast<int*>(ws + L.perm);
+    int4* tiles = reinterpret_cast<int4*>(ws + L.tiles);
+    T* act = reinterpret_cast<T*>(ws + L.act);
+    T* y = reinterpret_cast<T*>(ws + L.y);
+    const T* hidden = static_cast<const T*>(p.hidden);
+
+    const int rblocks = (T_ + kRouterWarps - 1) / kRouterWarps;
+    if (p.router_dtype == MOE_DTYPE_FP32)
+        router_kernel<T, float><<<rblocks, kRouterWarps * 32, 0, s>>>(hidden, static_cast<const float*>(p.router), T_, H,
+                                                                      E, ids, wts);
+    else
+        router_kernel<T, T><<<rblocks, kRouterWarps * 32, 0, s>>>(hidden, static_cast<const T*>(p.router), T_, H, E,
+                                                                  ids, wts);
+    MOE_LAUNCH_CHECK();
+    permute_kernel<<<1, 1024, 0, s>>>(ids, A, E, offsets, counters, active, perm, tiles);
+    MOE_LAUNCH_CHECK();
+
+    const int scale_fp32 = p.scale_dtype == MOE_DTYPE_FP32;
+    const GemmArgs g1{p.hidden, p.w13, p.w13_scale, act, offsets, perm, active, counters, tiles, H, I, scale_fp32};
+    const GemmArgs g2{act, p.w2, p.w2_scale, y, offsets, perm, active, counters, tiles, I, H, scale_fp32};
+    const bool w8 = p.weight_dtype == MOE_DTYPE_INT8;
+    const int decode_max = w8 ? MOE_DECODE_MAX_TOKENS_INT8 : MOE_DECODE_MAX_TOKENS;
+    const bool decode = (p.flags & MOE_FLAG_FORCE_DECODE) || (!(p.flags & MOE_FLAG_FORCE_PREFILL) && T_ <= decode_max);
+    int rc;
+    if (decode) {
+        const int groups = (min(T_, 64) + 7) / 8;  // most tokens one expert can get, 64 per pass
+        const int nt = groups <= 1 ? 1 : groups <= 2 ? 2 : groups <= 4 ? 4 : 8;
+        const int slots = min(E, A);  // active experts
+        rc = w8 ? decode_gemms<T, true>(nt, g1, g2, slots, s) : decode_gemms<T, false>(nt, g1, g2, slots, s);
+    } else {
+        const int max_tiles = (A + kBM - 1) / kBM + E;
+        rc = w8 ? prefill_gemms<T, true>(g1, g2, max_tiles, s) : prefill_gemms<T, false>(g1, g2, max_tiles, s);
+    }
+    if (rc) return rc;
+    const size_t n8 = static_cast<size_t>(T_) * (H / 8);
+    combine_kernel<T><<<static_cast<unsigned>((n8 + 255) / 256), 256, 0, s>>>(y, wts, static_cast<T*>(p.out), T_, H);
+    MOE_LAUNCH_CHECK();
+    return 0;
+}
+
+}  // namespace
+
+extern "C" {
+
+size_t mixtral_moe_top2_workspace_size(int tokens, int hidden, int inter, int experts, int top_k, int act_dtype) {
+    if (check_shapes(tokens, hidden, inter, experts, top_k, act_dtype)) return 0;
+    g_error[0] = '\0';
+    return layout(tokens, hidden, inter, experts, 2).total;
+}
+
+int mixtral_moe_top2_enqueue(const MoeTop2Params* p, void* workspace, cudaStream_t stream) {
+    if (int rc = validate(p, workspace)) return rc;
+    g_error[0] = '\0';
+    if (p->tokens == 0) return 0;
+    char* ws = static_cast<char*>(workspace);
+    return p->act_dtype == MOE_DTYPE_FP16 ? enqueue<half>(*p, ws, stream) : enqueue<__nv_bfloat16>(*p, ws, stream);
+}
+
+const char* mixtral_moe_top2_last_error(void) { return g_error; }
+
+int mixtral_moe_top2_version(void) { return MIXTRAL_MOE_TOP2_VERSION; }
+
+}  // extern "C"

@@ -1,0 +1,97 @@
+/*
+ * mixtral.MoETop2 kernels: C ABI (no TensorRT dependency).
+ *
+ * One enqueue runs Mixtral's sparse MoE on a CUDA stream without any host synchronisation
+ * (so decode can be captured in a CUDA graph):
+ *
+ *   logits = hidden @ router^T (fp32) -> softmax -> top-2 -> renormalise          [router]
+ *   per-expert counts, offsets, stable permutation, tile list (all on the device)  [permute]
+ *   act = silu(x @ w1[e]^T) * (x @ w3[e]^T), rows gathered by the permutation      [gemm1]
+ *   y   = act @ w2[e]^T                                                           [gemm2]
+ *   out[t] = w_t0 * y[t, 0] + w_t1 * y[t, 1] (fixed order: deterministic)         [combine]
+ *
+ * Dimension legend: T tokens, H hidden, I expert FFN size, E experts, K = top_k = 2,
+ * A = T*K (token, slot) assignments.
+ *
+ * Data types use TensorRT's nvinfer1::DataType codes so a plugin passes them through:
+ * 0 = fp32, 1 = fp16, 2 = int8, 7 = bf16.
+ */
+#ifndef MIXTRAL_MOE_TOP2_H
+#define MIXTRAL_MOE_TOP2_H
+
+#include <stddef.h>
+#include <cuda_runtime_api.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define MIXTRAL_MOE_TOP2_VERSION 1
+
+#define MOE_DTYPE_FP32 0
+#define MOE_DTYPE_FP16 1
+#define MOE_DTYPE_INT8 2
+#define MOE_DTYPE_BF16 7
+
+/* flags: force one GEMM path (tests, benchmarks); 0 picks by token count. */
+#define MOE_FLAG_FORCE_DECODE 1
+#define MOE_FLAG_FORCE_PREFILL 2
+
+/* Tokens up to which the memory-bound decode path is chosen automatically (measured crossover
+ * with the tensor-core path on an H200 at Mixtral dims: between 32 and 64 tokens for fp16/bf16
+ * weights, above 64 for int8). Forced decode handles any T, 64 token columns per pass. */
+#define MOE_DECODE_MAX_TOKENS 32
+#define MOE_DECODE_MAX_TOKENS_INT8 64
+#define MOE_MAX_EXPERTS 256
+
+typedef struct MoeTop2Params {
+    int tokens;       /* T >= 0 (0: nothing to do) */
+    int hidden_size;  /* H, multiple of 64 */
+    int inter_size;   /* I, multiple of 64 */
+    int num_experts;  /* E, 2..256 */
+    int top_k;        /* must be 2 */
+    int act_dtype;    /* hidden/out: fp16 or bf16 */
+    int router_dtype; /* router: act_dtype or fp32 */
+    int weight_dtype; /* w13/w2: act_dtype or int8 */
+    int scale_dtype;  /* int8 scales: fp16 or fp32 (ignored otherwise) */
+    int flags;        /* MOE_FLAG_* */
+    const void* hidden;    /* [T, H] */
+    const void* router;    /* [E, H] */
+    const void* w13;       /* [E, 2I, H]: w1 rows 0..I-1, then w3 rows I..2I-1 */
+    const void* w2;        /* [E, H, I] */
+    const void* w13_scale; /* [E, 2I] (int8 only) */
+    const void* w2_scale;  /* [E, H]  (int8 only) */
+    void* out;             /* [T, H] */
+} MoeTop2Params;
+
+/* Bytes of device workspace one enqueue needs: a pure function of the shapes (and of the
+ * activation dtype's size). Layout, each region starting at a multiple of 256 bytes, A = T*K,
+ * MT = ceil(A / 128) + E (most prefill row tiles):
+ *   topk_ids     int32 [A]       expert of assignment a = t*K + k
+ *   topk_w       fp32  [A]       renormalised routing weight of a
+ *   offsets      int32 [E + 1]   first permuted row of each expert; offsets[E] = A
+ *   counters     int32 [4]       {number of row tiles, number of active experts, 0, 0}
+ *   active       int32 [E]       active experts, ascending
+ *   perm         int32 [A]       assignment a held by permuted row r (stable within an expert)
+ *   tiles        int4  [MT]      prefill row tiles {expert, first row, end row, 0}
+ *   act          act   [A, I]    silu(gate) * up, permuted rows
+ *   y            act   [A, H]    expert outputs, assignment order (row a = t*K + k)
+ * Returns 0 when the shapes are invalid (see mixtral_moe_top2_last_error). */
+size_t mixtral_moe_top2_workspace_size(int tokens, int hidden, int inter, int experts, int top_k, int act_dtype);
+
+/* Validates p, then enqueues the whole op on stream. Returns 0 (cudaSuccess) or a cudaError_t
+ * code: cudaErrorInvalidValue (1) for invalid parameters, with a message in
+ * mixtral_moe_top2_last_error(). Never synchronises; never allocates. */
+int mixtral_moe_top2_enqueue(const MoeTop2Params* p, void* workspace, cudaStream_t stream);
+
+/* Human-readable reason of this thread's last failure ("" if none). */
+const char* mixtral_moe_top2_last_error(void);
+
+/* MIXTRAL_MOE_TOP2_VERSION of the built library. */
+int mixtral_moe_top2_version(void);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* MIXTRAL_MOE_TOP2_H */

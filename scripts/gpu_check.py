@@ -1,0 +1,438 @@
+#!/usr/bin/env python3
+"""GPU check of the MoETop2 kernels: correctness against the PyTorch reference, then speed.
+
+Each section runs in its own subprocess (a kernel fault poisons a CUDA context; the other
+sections still report). Prints a PASS/FAIL summary and exits non-zero on any failure.
+
+    python scripts/gpu_check.py                 # all sections (MIXTRAL_TRT_KERNELS_LIB or a build)
+    python scripts/gpu_check.py --build-only    # build for this GPU's arch, print the library path
+    python scripts/gpu_check.py --section NAME  # one section in this process
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SECTIONS = ("decode", "prefill", "int8-decode", "int8-prefill", "special", "mixtral")
+EXTRA_SECTIONS = ("sanitize",)  # a few tiny cases, to run under compute-sanitizer
+TOKENS = (1, 2, 3, 7, 16, 64, 65, 300, 1024, 4096)
+SMALL = dict(H=512, I=1024, E=8)
+MIXTRAL = dict(H=4096, I=14336, E=8)
+ROOFLINE = {"H100 SXM": (3.35e12, 989e12), "H200": (4.8e12, 989e12)}  # bytes/s, dense fp16 FLOP/s
+TOL = {"fp16": 1e-2, "bf16": 1e-2, "int8": 2e-2}
+
+
+def import_plugins():
+    """mixtral_trt.plugins.{build,kernels,reference}, installed or straight from this checkout."""
+    try:
+        from mixtral_trt.plugins import build, kernels, reference
+    except ImportError:
+        for name, path in (("mixtral_trt", ROOT / "mixtral_trt"), ("mixtral_trt.plugins", ROOT / "plugins" / "python")):
+            spec = importlib.util.spec_from_file_location(name, path / "__init__.py", submodule_search_locations=[str(path)])
+            mod = importlib.util.module_from_spec(spec)
+            sys.modules[name] = mod
+            spec.loader.exec_module(mod)
+        from mixtral_trt.plugins import build, kernels, reference
+    return build, kernels, reference
+
+
+def gpu_arch() -> str:
+    import torch
+
+    major, minor = torch.cuda.get_device_capability()
+    return f"{major}{minor}" + ("a" if (major, minor) == (9, 0) else "")
+
+
+# --- problems ---------------------------------------------------------------------------------
+
+WMODES = {  # name: (activation dtype, int8 weights?, scale dtype)
+    "fp16": ("float16", False, None),
+    "bf16": ("bfloat16", False, None),
+    "int8": ("float16", True, "float32"),
+    "int8-bf16": ("bfloat16", True, "float16"),
+}
+
+
+def make_problem(T, H, I, E, wmode="fp16", routing="random", seed=0, router_fp32=False, device="cuda"):
+    import torch
+    from mixtral_trt.plugins.reference import quantize_int8
+
+    act, int8, sdt = WMODES[wmode]
+    dt = getattr(torch, act)
+    g = torch.Generator(device=device).manual_seed(seed)
+    hidden = torch.randn(T, H, generator=g, device=device, dtype=torch.float32)
+    router = torch.randn(E, H, generator=g, device=device, dtype=torch.float32) / math.sqrt(H)
+    if routing == "skew":  # every token: top-1 expert 3, top-2 expert 5; the other six get nothing
+        hidden[:, 0] = 8.0
+        router[:, 0] = 0.0
+        router[3, 0], router[5, 0] = 2.0, 1.0
+    elif routing == "starve":  # expert 7 never chosen, the rest random
+        hidden[:, 0] = 4.0
+        router[:, 0] = 0.0
+        router[7, 0] = -3.0
+    w13 = torch.randn(E, 2 * I, H, generator=g, device=device, dtype=dt).mul_(1 / math.sqrt(H))
+    w2 = torch.randn(E, H, I, generator=g, device=device, dtype=dt).mul_(1 / math.sqrt(I))
+    p = dict(hidden=hidden.to(dt), router=router if router_fp32 else router.to(dt), w13=w13, w2=w2,
+             w13_scale=None, w2_scale=None)  # fmt: skip
+    if int8:
+        sd = getattr(torch, sdt)
+        p["w13"], p["w13_scale"] = quantize_int8(w13, sd)
+        p["w2"], p["w2_scale"] = quantize_int8(w2, sd)
+    return p
+
+
+def check(name, p, flags, wmode, results, kernels, reference, margin_min=1e-4):
+    import torch
+
+    out = torch.full_like(p["hidden"], float("nan"))
+    try:
+        kernels.moe_top2_torch(**p, flags=flags, out=out)
+        torch.cuda.synchronize()
+    except Exception as e:  # noqa: BLE001 - report and go on
+        results.append(dict(name=name, ok=False, err=None, note=f"{type(e).__name__}: {e}"))
+        print(f"FAIL {name}: {type(e).__name__}: {e}", flush=True)
+        return None
+    ref = reference.moe_top2_reference(**p)
+    rows = reference.routing_margin(p["hidden"], p["router"]) > margin_min
+    err = reference.relative_error(out, ref, rows)
+    tol = TOL["int8" if "int8" in wmode else wmode]
+    ok = err <= tol
+    skipped = int((~rows).sum())
+    note = f"{skipped} near-tie tokens excluded" if skipped else ""
+    results.append(dict(name=name, ok=ok, err=err, tol=tol, note=note))
+    print(f"{'ok  ' if ok else 'FAIL'} {name}: rel err {err:.2e} (tol {tol:.0e}) {note}", flush=True)
+    return out
+
+
+# --- correctness sections ---------------------------------------------------------------------
+
+
+def section_paths(path: str, wmodes, results, kernels, reference):
+    flag = kernels.FLAG_FORCE_DECODE if path == "decode" else kernels.FLAG_FORCE_PREFILL
+    forced = (1, 7, 65, 300) if path == "decode" else (1, 3, 16, 64)
+    for wmode in wmodes:
+        auto = [t for t in TOKENS if kernels.decode_path(t, "int8" in wmode) == (path == "decode")]
+        for T in auto:
+            check(f"{wmode} T={T} auto[{path}]", make_problem(T, **SMALL, wmode=wmode, seed=T), 0, wmode, results,
+                  kernels, reference)  # fmt: skip
+        for T in forced:
+            check(f"{wmode} T={T} forced {path}", make_problem(T, **SMALL, wmode=wmode, seed=100 + T), flag, wmode,
+                  results, kernels, reference)  # fmt: skip
+
+
+def section_special(results, kernels, reference):
+    import torch
+
+    for routing in ("skew", "starve"):
+        for wmode in ("fp16", "int8-bf16"):
+            for T in (1, 65, 1024, 4096):
+                p = make_problem(T, **SMALL, wmode=wmode, routing=routing, seed=7)
+                check(f"{routing} {wmode} T={T}", p, 0, wmode, results, kernels, reference)
+            p = make_problem(300, **SMALL, wmode=wmode, routing=routing, seed=8)
+            check(f"{routing} {wmode} T=300 forced decode", p, kernels.FLAG_FORCE_DECODE, wmode, results, kernels,
+                  reference)  # fmt: skip
+    for T in (5, 300):
+        for wmode in ("fp16", "bf16"):
+            p = make_problem(T, **SMALL, wmode=wmode, router_fp32=True, seed=9)
+            check(f"fp32 router {wmode} T={T}", p, 0, wmode, results, kernels, reference)
+    for T in (1, 5, 130):  # the built-in tiny model's dims
+        check(f"tiny dims H=128 I=256 T={T}", make_problem(T, 128, 256, 8, seed=10), 0, "fp16", results, kernels,
+              reference)  # fmt: skip
+    check("E=4 H=256 I=192 T=77", make_problem(77, 256, 192, 4, seed=11), 0, "fp16", results, kernels, reference)
+
+    # determinism: the same inputs give the same bits
+    for wmode, T in (("fp16", 1), ("fp16", 300), ("int8", 1024)):
+        p = make_problem(T, **SMALL, wmode=wmode, seed=12)
+        a = kernels.moe_top2_torch(**p)
+        b = kernels.moe_top2_torch(**p)
+        torch.cuda.synchronize()
+        same = torch.equal(a, b)
+        results.append(dict(name=f"deterministic {wmode} T={T}", ok=same, err=None, note=""))
+        print(f"{'ok  ' if same else 'FAIL'} deterministic {wmode} T={T}", flush=True)
+
+    # CUDA graph: decode captured once, replayed on new inputs, equals eager bit for bit
+    for T in (1, 4):
+        p = make_problem(T, **SMALL, wmode="fp16", seed=13)
+        static_in = p["hidden"].clone()
+        ws = torch.empty(kernels.workspace_size(T, SMALL["H"], SMALL["I"], SMALL["E"], 2, kernels.DTYPE_FP16),
+                         dtype=torch.uint8, device="cuda")  # fmt: skip
+        out = torch.empty_like(static_in)
+        q = dict(p, hidden=static_in)
+        kernels.moe_top2_torch(**q, out=out, workspace=ws)  # warm-up (module load) before capture
+        torch.cuda.synchronize()
+        ok, note = False, ""
+        try:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                kernels.moe_top2_torch(**q, out=out, workspace=ws)
+            fresh = torch.randn_like(static_in)
+            static_in.copy_(fresh)
+            graph.replay()
+            torch.cuda.synchronize()
+            eager = kernels.moe_top2_torch(**dict(p, hidden=fresh))
+            torch.cuda.synchronize()
+            ok = torch.equal(out, eager)
+            note = "" if ok else f"max diff {(out.float() - eager.float()).abs().max().item():.3e}"
+        except Exception as e:  # noqa: BLE001
+            note = f"{type(e).__name__}: {e}"
+        results.append(dict(name=f"cuda graph decode T={T}", ok=ok, err=None, note=note))
+        print(f"{'ok  ' if ok else 'FAIL'} cuda graph decode T={T} {note}", flush=True)
+
+    # refused arguments come back as a clear error
+    p = make_problem(4, **SMALL, seed=14)
+    try:
+        kernels.moe_top2_enqueue(p["hidden"].data_ptr(), p["router"].data_ptr(), p["w13"].data_ptr(),
+                                 p["w2"].data_ptr(), None, None, p["hidden"].data_ptr(), 0, 4, 512, 1024, 8, 3,
+                                 kernels.DTYPE_FP16, kernels.DTYPE_FP16, kernels.DTYPE_FP32, 0)  # fmt: skip
+        ok, note = False, "top_k=3 accepted"
+    except kernels.KernelError as e:
+        ok, note = "top_k" in str(e), str(e)
+    results.append(dict(name="top_k=3 refused", ok=ok, err=None, note=note))
+    print(f"{'ok  ' if ok else 'FAIL'} top_k=3 refused: {note}", flush=True)
+
+
+# --- Mixtral dims: correctness and speed --------------------------------------------------------
+
+
+def bench(fn, warmup: int, reps: int) -> float:
+    """Median microseconds of ``fn`` over ``reps`` CUDA-event-timed calls after ``warmup`` calls."""
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    for s, e in ev:
+        s.record()
+        fn()
+        e.record()
+    torch.cuda.synchronize()
+    return 1000 * statistics.median(s.elapsed_time(e) for s, e in ev)
+
+
+def graph_call(kernels, p, ws, out):
+    """One enqueue captured in a CUDA graph (as TensorRT decode would run it): replay per call."""
+    import torch
+
+    try:
+        kernels.moe_top2_torch(**p, out=out, workspace=ws)  # loads the kernels before capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            kernels.moe_top2_torch(**p, out=out, workspace=ws)
+    except Exception as e:  # noqa: BLE001
+        print(f"  cuda graph capture failed: {type(e).__name__}: {e}", flush=True)
+        return None
+    return graph.replay
+
+
+def grouped_mm_moe(hidden, router, w13_t, w2_t, I: int):
+    """Sort-by-expert + torch._grouped_mm twice + weighted scatter (bf16)."""
+    import torch
+    import torch.nn.functional as F
+    from mixtral_trt.plugins.reference import route
+
+    T, H = hidden.shape
+    top_w, top_e = route(hidden, router)  # [T, 2]
+    flat = top_e.flatten()  # [2T]
+    order = torch.argsort(flat, stable=True)  # [2T]
+    offs = torch.cumsum(torch.bincount(flat, minlength=w13_t.shape[0]), 0).to(torch.int32)  # [E]
+    tok = order // 2
+    h = torch._grouped_mm(hidden[tok], w13_t, offs=offs)  # [2T, 2I]
+    a = F.silu(h[:, :I]) * h[:, I:]  # [2T, I]
+    y = torch._grouped_mm(a, w2_t, offs=offs)  # [2T, H]
+    out = torch.zeros(T, H, dtype=torch.float32, device=hidden.device)
+    out.index_add_(0, tok, y.float() * top_w.flatten()[order, None])
+    return out.to(hidden.dtype)
+
+
+def ceilings() -> tuple[float, float]:
+    import torch
+
+    n = 1 << 31
+    x = torch.empty(n, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    us = bench(lambda: y.copy_(x), 2, 10)
+    bw = 2 * n / (us * 1e-6)
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    us_mm = bench(lambda: a @ b, 3, 10)
+    return bw, 2 * 8192**3 / (us_mm * 1e-6)
+
+
+def section_mixtral(results, kernels, reference, rows_out):
+    import torch
+
+    H, I, E = MIXTRAL["H"], MIXTRAL["I"], MIXTRAL["E"]
+    name = torch.cuda.get_device_name()
+    bw, mm = ceilings()
+    print(f"device {name}: measured copy {bw / 1e12:.2f} TB/s (read+write), bf16 8192^3 matmul {mm / 1e12:.0f} TFLOP/s",
+          flush=True)  # fmt: skip
+    rows_out.append(dict(kind="ceiling", device=name, copy_tbs=bw / 1e12, matmul_tflops=mm / 1e12))
+    problems = {w: make_problem(4096, H, I, E, wmode=w, seed=21) for w in ("fp16", "bf16", "int8-bf16")}
+    for wmode, T in (("fp16", 1), ("fp16", 64), ("fp16", 512), ("int8-bf16", 1), ("int8-bf16", 512), ("bf16", 2048)):
+        p = dict(problems[wmode], hidden=problems[wmode]["hidden"][:T].contiguous())
+        check(f"Mixtral dims {wmode} T={T}", p, 0, wmode, results, kernels, reference)
+    w13_t = problems["bf16"]["w13"].transpose(1, 2)
+    w2_t = problems["bf16"]["w2"].transpose(1, 2)
+    for T in (1, 4, 8, 16, 32, 64, 512, 2048, 4096):
+        small = T <= 64
+        for wmode in ("fp16", "bf16", "int8-bf16"):
+            p = dict(problems[wmode], hidden=problems[wmode]["hidden"][:T].contiguous())
+            _, top_e = reference.route(p["hidden"], p["router"])
+            experts = int(torch.unique(top_e).numel())
+            wbytes = experts * 3 * H * I * (1 if "int8" in wmode else 2) + ("int8" in wmode) * experts * (2 * I + H) * 4
+            flop = 2 * T * 2 * 3 * H * I
+            ws = torch.empty(kernels.workspace_size(T, H, I, E, 2, kernels.torch_dtype_code(p["hidden"].dtype)),
+                             dtype=torch.uint8, device="cuda")  # fmt: skip
+            out = torch.empty_like(p["hidden"])
+            reps = 50 if small else 10
+            impls = [("ours", lambda p=p, ws=ws, out=out: kernels.moe_top2_torch(**p, out=out, workspace=ws))]
+            replay = graph_call(kernels, p, ws, out) if small and wmode != "bf16" else None
+            if replay is not None:
+                impls.append(("ours[cuda graph]", replay))
+            if T in (16, 32, 64):
+                for path, flag in (("decode", kernels.FLAG_FORCE_DECODE), ("prefill", kernels.FLAG_FORCE_PREFILL)):
+                    if kernels.decode_path(T, "int8" in wmode) != (path == "decode"):
+                        impls.append((f"ours[{path} path]", lambda p=p, ws=ws, out=out, flag=flag: kernels.moe_top2_torch(
+                            **p, out=out, workspace=ws, flags=flag)))  # fmt: skip
+            if "int8" not in wmode:
+                impls.append(("torch loop", lambda p=p: reference.moe_top2_loop(**p)))
+            if wmode == "bf16" and hasattr(torch, "_grouped_mm"):
+                impls.append(("torch._grouped_mm", lambda p=p: grouped_mm_moe(p["hidden"], p["router"], w13_t, w2_t, I)))
+            base = None
+            for impl, fn in impls:
+                try:
+                    us = bench(fn, 3, reps if impl.startswith("ours") else max(5, reps // 5))
+                except Exception as e:  # noqa: BLE001
+                    print(f"  {impl} {wmode} T={T}: {type(e).__name__}: {str(e).splitlines()[0][:160]}", flush=True)
+                    continue
+                if impl == "ours":
+                    base = us
+                row = dict(kind="bench", wmode=wmode, T=T, impl=impl, us=us, experts=experts,
+                           gbs=wbytes / (us * 1e-6) / 1e9, tflops=flop / (us * 1e-6) / 1e12,
+                           vs_ours=(us / base) if base else None)  # fmt: skip
+                rows_out.append(row)
+                print(f"  {wmode:9s} T={T:5d} {impl:20s} {us:10.1f} us  {row['gbs']:7.0f} GB/s  "
+                      f"{row['tflops']:6.1f} TFLOP/s", flush=True)  # fmt: skip
+            del ws, out
+
+
+# --- driver -----------------------------------------------------------------------------------
+
+
+def run_section(name: str) -> int:
+    import torch
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    _, kernels, reference = import_plugins()
+    kernels.load_library()
+    results, rows = [], []
+    start = time.monotonic()
+    try:
+        if name in ("decode", "prefill"):
+            section_paths(name, ("fp16", "bf16"), results, kernels, reference)
+        elif name in ("int8-decode", "int8-prefill"):
+            section_paths(name.split("-")[1], ("int8", "int8-bf16"), results, kernels, reference)
+        elif name == "special":
+            section_special(results, kernels, reference)
+        elif name == "mixtral":
+            section_mixtral(results, kernels, reference, rows)
+        elif name == "sanitize":
+            for wmode in ("fp16", "int8-bf16"):
+                for T, flags in ((3, kernels.FLAG_FORCE_DECODE), (65, kernels.FLAG_FORCE_PREFILL), (65, 0)):
+                    check(f"tiny {wmode} T={T} flags={flags}", make_problem(T, 128, 256, 8, wmode=wmode, seed=T), flags,
+                          wmode, results, kernels, reference)  # fmt: skip
+    except Exception:  # noqa: BLE001
+        traceback.print_exc()
+        results.append(dict(name=f"{name}: uncaught error", ok=False, err=None, note=traceback.format_exc(limit=2)))
+    summary = dict(section=name, seconds=round(time.monotonic() - start, 1), results=results, rows=rows)
+    print("@@SUMMARY " + json.dumps(summary), flush=True)
+    return 0
+
+
+def print_table(rows) -> None:
+    ceil = [r for r in rows if r["kind"] == "ceiling"]
+    if ceil:
+        c = ceil[0]
+        print(f"\nSpeed at Mixtral dims (H=4096, I=14336, E=8, top-2) on {c['device']}; measured copy "
+              f"{c['copy_tbs']:.2f} TB/s, bf16 matmul {c['matmul_tflops']:.0f} TFLOP/s")  # fmt: skip
+    print("GB/s = bytes of the selected experts' weights / time; %BW vs 3.35 TB/s (H100 SXM) and 4.8 TB/s (H200);"
+          " %MMA vs 989 TFLOP/s")  # fmt: skip
+    hdr = f"{'weights':9s} {'T':>5s} {'impl':20s} {'experts':>7s} {'us':>10s} {'GB/s':>7s} {'%H100':>6s} {'%H200':>6s} " \
+          f"{'TFLOP/s':>8s} {'%MMA':>5s} {'t/ours':>7s}"  # fmt: skip
+    print(hdr)
+    print("-" * len(hdr))
+    for r in rows:
+        if r["kind"] != "bench":
+            continue
+        bw100, bw200 = (r["gbs"] * 1e9 / ROOFLINE[k][0] * 100 for k in ("H100 SXM", "H200"))
+        vs = f"{r['vs_ours']:.2f}" if r["vs_ours"] else "-"
+        print(f"{r['wmode']:9s} {r['T']:5d} {r['impl']:20s} {r['experts']:7d} {r['us']:10.1f} {r['gbs']:7.0f} "
+              f"{bw100:5.0f}% {bw200:5.0f}% {r['tflops']:8.1f} {r['tflops'] / 989 * 100:4.0f}% {vs:>7s}")  # fmt: skip
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--build-only", action="store_true", help="build for this GPU's arch and print the path")
+    ap.add_argument("--section", choices=SECTIONS + EXTRA_SECTIONS, help="run one section in this process")
+    ap.add_argument("--skip", action="append", default=[], choices=SECTIONS, help="sections to leave out")
+    ap.add_argument("--timeout", type=float, default=240, help="seconds per section [240]")
+    args = ap.parse_args()
+    if args.build_only:
+        build, _, _ = import_plugins()
+        print(build.build_library(archs=(gpu_arch(),)))
+        return 0
+    if args.section:
+        return run_section(args.section)
+
+    results, rows, crashed = [], [], []
+    for name in (s for s in SECTIONS if s not in args.skip):
+        print(f"\n=== section {name} ===", flush=True)
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--section", name]
+        try:
+            run = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, check=False)
+            text, code = run.stdout + run.stderr, run.returncode
+        except subprocess.TimeoutExpired as e:
+            text, code = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or ""), "timeout"
+        summary = None
+        for line in text.splitlines():
+            if line.startswith("@@SUMMARY "):
+                summary = json.loads(line[len("@@SUMMARY "):])
+            else:
+                print(line)
+        if summary is None:
+            crashed.append(name)
+            results.append(dict(name=f"section {name} crashed (exit {code})", ok=False, err=None, note=""))
+        else:
+            results += summary["results"]
+            rows += summary["rows"]
+            print(f"--- {name}: {summary['seconds']} s", flush=True)
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], "gpu_check.json").write_text(json.dumps(dict(results=results, rows=rows), indent=1))
+    print_table(rows)
+    failed = [r for r in results if not r["ok"]]
+    errs = [r["err"] for r in results if r.get("err") is not None]
+    print(f"\nCorrectness: {len(results) - len(failed)}/{len(results)} checks passed; worst relative error "
+          f"{max(errs) if errs else float('nan'):.2e}")  # fmt: skip
+    for r in failed:
+        print(f"  FAILED {r['name']}: err={r.get('err')} {r.get('note', '')}")
+    verdict = "PASS" if not failed else "FAIL"
+    print(f"{verdict}: {len(results) - len(failed)} passed, {len(failed)} failed")
+    return 0 if not failed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

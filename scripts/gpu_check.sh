@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Build the MoETop2 kernels for this machine's GPU only (the Python build step, one -gencode),
+# then check them against the PyTorch reference and time them (scripts/gpu_check.py).
+# Needs nvcc and PyTorch with CUDA; MIXTRAL_TRT_KERNELS_LIB=<.so> skips the build.
+# With $OUT set (the device machine), the log and a JSON of the results land there too.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,compute_cap,driver_version,memory.total --format=csv,noheader || true
+if [ -z "${MIXTRAL_TRT_KERNELS_LIB:-}" ]; then
+    start=$(date +%s)
+    MIXTRAL_TRT_KERNELS_LIB=$(python3 scripts/gpu_check.py --build-only)
+    export MIXTRAL_TRT_KERNELS_LIB
+    echo "built $MIXTRAL_TRT_KERNELS_LIB in $(( $(date +%s) - start )) s"
+fi
+if [ -n "${OUT:-}" ]; then
+    python3 scripts/gpu_check.py "$@" 2>&1 | tee "$OUT/gpu_check.log"
+else
+    python3 scripts/gpu_check.py "$@"
+fi

@@ -1,0 +1,327 @@
+"""The MoETop2 CUDA kernels: build (all four architectures), C ABI through ctypes, references.
+
+CPU (CI): nvcc builds ``libmixtral_moe_top2.so`` for sm_80, sm_89, sm_90a and sm_120 (about a
+minute of CPU on two cores); the library loads without a GPU (cudart is static), its workspace
+size is a pure function of the shapes matching an independent formula, and it refuses bad
+arguments with a message before touching CUDA. The PyTorch reference is checked against the
+exported op's eager kernel, and the int8 quantiser on its own. ``gpu``: the kernels against the
+reference (scripts/gpu_check.py does the full sweep and the timings).
+"""
+
+from __future__ import annotations
+
+import shutil
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from mixtral_trt.plugins import build, kernels, reference
+
+EXPECTED_ARCHS = {"sm_80", "sm_89", "sm_90a", "sm_120"}
+
+
+@pytest.fixture(scope="module")
+def library() -> Path:
+    if shutil.which("nvcc") is None:
+        pytest.skip("nvcc not found: the kernels cannot be compiled here")
+    return build.build_library()  # all four architectures, cached under $MIXTRAL_TRT_CACHE
+
+
+@pytest.fixture(scope="module")
+def lib(library):
+    return kernels.load_library(library)
+
+
+# --- build --------------------------------------------------------------------------------------
+
+
+def fatbin_archs(so: Path) -> set[str]:
+    """SM targets of the cubins in an ELF's fatbins, read without cuobjdump.
+
+    Fatbin: magic 0xBA55ED50, u16 version, u16 header size, u64 payload size; then entries of
+    u16 kind (2 = cubin), u16, u32 header size, u64 size, u32, u32, u16, u16, u32 arch, ...,
+    u64 flags (bit 0x100000 marks an arch-specific 'a' target, as cuobjdump lists sm_90a).
+    """
+    data = so.read_bytes()
+    archs, at = set(), data.find(struct.pack("<I", 0xBA55ED50))
+    while at != -1:
+        version, header, size = struct.unpack_from("<HHQ", data, at + 4)
+        if version == 1 and header == 16:
+            p, end = at + header, at + header + size
+            while p < end:
+                kind, _, ehead, esize = struct.unpack_from("<HHIQ", data, p)
+                arch, flags = struct.unpack_from("<I", data, p + 28)[0], struct.unpack_from("<Q", data, p + 40)[0]
+                if kind == 2:
+                    archs.add(f"sm_{arch}" + ("a" if flags & 0x100000 else ""))
+                p += ehead + esize
+        at = data.find(struct.pack("<I", 0xBA55ED50), at + 4)
+    return archs
+
+
+def cuobjdump_archs(so: Path) -> set[str] | None:
+    tool = shutil.which("cuobjdump")
+    if tool is None:
+        return None
+    out = subprocess.run([tool, "--list-elf", str(so)], capture_output=True, text=True, check=True).stdout
+    return {part for line in out.splitlines() for part in line.replace(".", " ").split() if part.startswith("sm_")}
+
+
+def test_library_builds_for_all_four_architectures(library):
+    assert library.is_file() and library.name == "libmixtral_moe_top2.so"
+    assert fatbin_archs(library) == EXPECTED_ARCHS
+    listed = cuobjdump_archs(library)
+    if listed is not None:
+        assert listed == EXPECTED_ARCHS
+
+
+def test_library_needs_no_cuda_runtime_library(library):
+    ldd = shutil.which("ldd")
+    if ldd is None:
+        pytest.skip("ldd not found")
+    deps = subprocess.run([ldd, str(library)], capture_output=True, text=True, check=False).stdout
+    assert "libcudart" not in deps and "libnvinfer" not in deps, deps
+
+
+def test_build_is_cached_by_source_hash(library, tmp_path):
+    assert build.build_library() == library  # a cache hit: same key, no compile
+    key = build.build_key(build.DEFAULT_ARCHS, build.nvcc_version("nvcc"))
+    assert library.parent.name == key
+    assert build.build_key(("90a",), build.nvcc_version("nvcc")) != key
+    assert not list(library.parent.parent.glob(".*partial*"))  # no half-written builds left behind
+
+
+def test_build_entry_point_prints_the_cached_library(library):
+    done = subprocess.run([sys.executable, "-m", "mixtral_trt.plugins.build"], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    assert Path(done.stdout.strip()) == library
+
+
+@pytest.mark.parametrize("arch,expected", [("sm_90a", "90a"), ("80", "80"), ("compute_120", "120"), ("SM_89", "89")])
+def test_normalize_arch(arch, expected):
+    assert build.normalize_arch(arch) == expected
+
+
+@pytest.mark.parametrize("arch", ["75", "sm_x", "90ab", ""])
+def test_normalize_arch_refuses(arch):
+    with pytest.raises(build.BuildError, match="architecture"):
+        build.normalize_arch(arch)
+
+
+def test_gencode_has_one_flag_per_arch():
+    assert build.gencode_flags(("80", "90a")) == [
+        "-gencode=arch=compute_80,code=sm_80",
+        "-gencode=arch=compute_90a,code=sm_90a",
+    ]
+
+
+# --- C ABI through ctypes ---------------------------------------------------------------------
+
+
+def workspace_formula(T: int, H: int, I: int, E: int) -> int:
+    """moe_top2.h's layout, written out again: nine regions, each rounded up to 256 bytes."""
+
+    def up(n):
+        return (n + 255) // 256 * 256
+
+    A = 2 * T
+    tiles = (A + 127) // 128 + E
+    return sum(up(n) for n in (4 * A, 4 * A, 4 * (E + 1), 16, 4 * E, 4 * A, 16 * tiles, 2 * A * I, 2 * A * H))
+
+
+def test_version(lib):
+    assert lib.mixtral_moe_top2_version() == kernels.ABI_VERSION
+
+
+@pytest.mark.parametrize("T", [0, 1, 2, 7, 64, 65, 300, 4096])
+@pytest.mark.parametrize("H,I,E", [(4096, 14336, 8), (128, 256, 8), (64, 64, 2), (256, 192, 256)])
+def test_workspace_size_is_the_layout_formula(lib, T, H, I, E):
+    for act in (kernels.DTYPE_FP16, kernels.DTYPE_BF16):
+        first = kernels.workspace_size(T, H, I, E, 2, act, lib=lib)
+        assert first == kernels.workspace_size(T, H, I, E, 2, act, lib=lib) == workspace_formula(T, H, I, E)
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        ((4, 4096, 14336, 8, 3, kernels.DTYPE_FP16), "top_k=3"),
+        ((4, 100, 14336, 8, 2, kernels.DTYPE_FP16), "hidden=100"),
+        ((4, 4096, 100, 8, 2, kernels.DTYPE_FP16), "inter=100"),
+        ((4, 4096, 14336, 1, 2, kernels.DTYPE_FP16), "experts=1"),
+        ((4, 4096, 14336, 257, 2, kernels.DTYPE_FP16), "experts=257"),
+        ((4, 4096, 14336, 8, 2, kernels.DTYPE_FP32), "act_dtype=0"),
+        ((-1, 4096, 14336, 8, 2, kernels.DTYPE_FP16), "tokens=-1"),
+    ],
+)
+def test_workspace_size_refuses_bad_shapes(lib, args, message):
+    with pytest.raises(kernels.KernelError, match=message):
+        kernels.workspace_size(*args, lib=lib)
+
+
+def _enqueue(lib, **overrides):
+    ptr = 1 << 20  # 256-aligned fake device pointers: validation must refuse before any access
+    args = dict(hidden=ptr, router=ptr, w13=ptr, w2=ptr, w13_scale=None, w2_scale=None, out=ptr, workspace=ptr,
+                tokens=4, hidden_size=128, inter_size=256, num_experts=8, top_k=2, act_dtype=kernels.DTYPE_FP16,
+                weight_dtype=kernels.DTYPE_FP16, scale_dtype=kernels.DTYPE_FP32, stream=0)  # fmt: skip
+    args.update(overrides)
+    kernels.moe_top2_enqueue(**args, lib=lib)
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (dict(top_k=1), "top_k=1"),
+        (dict(hidden=None), "hidden is null"),
+        (dict(w2=(1 << 20) + 8), "w2=.* is not 16-byte aligned"),
+        (dict(workspace=None), "workspace is null"),
+        (dict(weight_dtype=kernels.DTYPE_BF16), r"weight_dtype=7 \(bf16\); expected the activations' fp16 or int8"),
+        (dict(router_dtype=kernels.DTYPE_BF16), "router_dtype=7"),
+        (dict(weight_dtype=kernels.DTYPE_INT8, scale_dtype=kernels.DTYPE_INT8), "scale_dtype=2"),
+        (dict(weight_dtype=kernels.DTYPE_INT8, scale_dtype=kernels.DTYPE_FP16), "w13_scale is null"),
+        (dict(flags=3), "flags=3"),
+        (dict(act_dtype=kernels.DTYPE_INT8), "act_dtype=2"),
+    ],
+)
+def test_enqueue_refuses_bad_arguments_before_touching_cuda(lib, overrides, message):
+    with pytest.raises(kernels.KernelError, match=message) as err:
+        _enqueue(lib, **overrides)
+    assert err.value.status == 1  # cudaErrorInvalidValue
+
+
+def test_enqueue_of_nothing_is_a_no_op(lib):
+    _enqueue(lib, tokens=0, hidden=None, workspace=None)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the fake pointers would be dereferenced")
+def test_enqueue_without_a_gpu_reports_the_cuda_error(lib):
+    with pytest.raises(kernels.KernelError, match="kernel launch failed: cuda"):
+        _enqueue(lib)
+
+
+# --- references ---------------------------------------------------------------------------------
+
+
+def _problem(T=11, H=32, I=48, E=4, seed=0, dtype=torch.float32, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    t = {
+        "hidden": torch.randn(T, H, generator=g),
+        "router": torch.randn(E, H, generator=g),
+        "w13": torch.randn(E, 2 * I, H, generator=g) / H**0.5,
+        "w2": torch.randn(E, H, I, generator=g) / I**0.5,
+    }
+    return {k: v.to(device=device, dtype=dtype) for k, v in t.items()}
+
+
+@pytest.mark.parametrize("T,E", [(1, 2), (11, 4), (40, 8)])
+def test_reference_matches_the_exported_op(T, E):
+    from mixtral_trt.export import moe_op
+
+    p = _problem(T=T, E=E, seed=T)
+    want = moe_op.moe_top2(p["hidden"], p["router"], p["w13"], p["w2"], E, 2)
+    got = reference.moe_top2_reference(**p)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(reference.moe_top2_loop(**p), want, rtol=1e-5, atol=1e-6)
+
+
+def test_reference_against_a_dense_numpy_oracle():
+    import numpy as np
+
+    p = _problem(T=9, E=4, seed=3)
+    x, r = p["hidden"].double().numpy(), p["router"].double().numpy()
+    w13, w2 = p["w13"].double().numpy(), p["w2"].double().numpy()
+    logits = x @ r.T
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    out = np.zeros_like(x)
+    I = w13.shape[1] // 2
+    for t in range(x.shape[0]):
+        top = np.argsort(-probs[t])[:2]
+        w = probs[t, top] / probs[t, top].sum()
+        for e, we in zip(top, w):
+            h = w13[e] @ x[t]
+            out[t] += we * (w2[e] @ (h[:I] / (1 + np.exp(-h[:I])) * h[I:]))
+    np.testing.assert_allclose(reference.moe_top2_reference(**p).numpy(), out, rtol=1e-4, atol=1e-5)
+
+
+def test_quantizer_per_output_channel_with_zero_rows():
+    w = torch.randn(3, 5, 16)
+    w[1, 2] = 0.0  # a zero row: scale 1, all-zero codes
+    q, s = reference.quantize_int8(w)
+    assert q.dtype == torch.int8 and q.shape == w.shape and s.shape == (3, 5) and s.dtype == torch.float32
+    assert s[1, 2] == 1.0 and not q[1, 2].any()
+    torch.testing.assert_close(s, torch.where(w.abs().amax(-1) > 0, w.abs().amax(-1) / 127, torch.ones(3, 5)))
+    assert int(q.abs().amax(-1).min()) == 127 or bool((w.abs().amax(-1) == 0).any())
+    assert q.abs().max() <= 127  # symmetric: -128 never used
+    deq = reference.dequantize_int8(q, s)
+    assert ((deq - w).abs() <= s.unsqueeze(-1) / 2 + 1e-6).all()
+    _, s16 = reference.quantize_int8(w, torch.float16)
+    assert s16.dtype == torch.float16 and s16[1, 2] == 1.0
+
+
+def test_int8_reference_is_close_to_the_float_op():
+    p = _problem(T=16, H=64, I=64, seed=5)
+    q13, s13 = reference.quantize_int8(p["w13"])
+    q2, s2 = reference.quantize_int8(p["w2"])
+    want = reference.moe_top2_reference(**p)
+    got = reference.moe_top2_reference(p["hidden"], p["router"], q13, q2, s13, s2)
+    assert reference.relative_error(got, want) < 3e-2
+
+
+def test_relative_error_is_inf_on_nan():
+    a = torch.ones(2, 3)
+    assert reference.relative_error(a, a) == 0.0
+    assert reference.relative_error(torch.full_like(a, float("nan")), a) == float("inf")
+
+
+# --- on a GPU -----------------------------------------------------------------------------------
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("T", [1, 7, 65, 300])
+@pytest.mark.parametrize("mode", ["fp16", "bf16", "int8"])
+@pytest.mark.parametrize("flags", [0, kernels.FLAG_FORCE_DECODE, kernels.FLAG_FORCE_PREFILL])
+def test_kernels_match_the_reference_on_gpu(lib, T, mode, flags):
+    dtype = torch.bfloat16 if mode == "bf16" else torch.float16
+    p = _problem(T=T, H=256, I=512, E=8, seed=T, device="cuda")
+    p = {k: v.to(dtype) if k != "router" else v for k, v in p.items()}
+    if mode == "int8":
+        p["w13"], p["w13_scale"] = reference.quantize_int8(p["w13"])
+        p["w2"], p["w2_scale"] = reference.quantize_int8(p["w2"])
+    out = torch.full_like(p["hidden"], float("nan"))
+    kernels.moe_top2_torch(**p, flags=flags, out=out, lib=lib)
+    ref = reference.moe_top2_reference(**p)
+    rows = reference.routing_margin(p["hidden"], p["router"]) > 1e-4
+    assert reference.relative_error(out, ref, rows) <= (2e-2 if mode == "int8" else 1e-2)
+
+
+# --- the binding speaks the header's ABI ------------------------------------------------------
+
+
+def _header() -> str:
+    return (build.SOURCE_DIR / "moe_top2.h").read_text()
+
+
+def test_params_struct_matches_the_header():
+    import re
+
+    body = re.search(r"typedef struct MoeTop2Params \{(.*?)\} MoeTop2Params;", _header(), re.S).group(1)
+    fields = re.findall(r"^\s*(?:const\s+)?(int|void\*)\s+(\w+);", body, re.M)
+    assert [name for _, name in fields] == [name for name, _ in kernels.MoeTop2Params._fields_]
+
+
+def test_constants_match_the_header():
+    import re
+
+    defines = dict(re.findall(r"#define (\w+) (\d+)", _header()))
+    assert int(defines["MIXTRAL_MOE_TOP2_VERSION"]) == kernels.ABI_VERSION
+    assert int(defines["MOE_DECODE_MAX_TOKENS"]) == kernels.DECODE_MAX_TOKENS
+    assert int(defines["MOE_DECODE_MAX_TOKENS_INT8"]) == kernels.DECODE_MAX_TOKENS_INT8
+    for name in ("FP32", "FP16", "INT8", "BF16"):
+        assert int(defines[f"MOE_DTYPE_{name}"]) == getattr(kernels, f"DTYPE_{name}")
+    assert int(defines["MOE_FLAG_FORCE_DECODE"]) == kernels.FLAG_FORCE_DECODE
+    assert int(defines["MOE_FLAG_FORCE_PREFILL"]) == kernels.FLAG_FORCE_PREFILL
