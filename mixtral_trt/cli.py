@@ -342,5 +342,14 @@ def generate(build_dir, prompts, prompt_ids, max_new_tokens, greedy, temperature
         )
 
 
+def _add_triton_command() -> None:
+    from mixtral_trt.triton import triton_command
+
+    main.add_command(triton_command())
+
+
+_add_triton_command()
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
