@@ -16,9 +16,12 @@ def _python_blocks() -> list[str]:
 def test_python_api_example_runs(tmp_path, capsys):
     from mixtral_trt.export.onnx_export import export
     from mixtral_trt.export.tiny import default_tiny
+    from mixtral_trt.optimize.lowering import lower_dir
 
     [example] = [b for b in _python_blocks() if "runtime.load" in b]
-    export(default_tiny(), tmp_path / "out" / "tiny", max_seq_len=64, progress=False)
+    build = re.search(r'runtime\.load\("([^"]+)"\)', example).group(1)
+    export(default_tiny(), tmp_path / "export", max_seq_len=64, progress=False)
+    lower_dir(tmp_path / "export", tmp_path / build)
     cwd = os.getcwd()
     os.chdir(tmp_path)
     try:
