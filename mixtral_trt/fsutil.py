@@ -26,6 +26,11 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    replace_dir(tmp, final)
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Put directory ``tmp`` at ``final``; a previous ``final`` is moved aside first and deleted last."""
     old = None
     if final.exists():
         old = final.parent / f".{final.name}.old-{os.getpid()}"

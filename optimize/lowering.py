@@ -18,7 +18,7 @@ from pathlib import Path
 import onnx
 from onnx import TensorProto, helper
 
-from mixtral_trt.export import moe_op
+from mixtral_trt.export import moe_schema as moe_op
 from mixtral_trt.fsutil import atomic_dir
 from mixtral_trt.manifest import MANIFEST, ManifestError, check_output_dir, read_manifest, sha256_file, write_manifest
 

@@ -38,7 +38,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from mixtral_trt.export import moe_op
+from mixtral_trt.export import moe_schema as moe_op
 from mixtral_trt.export.onnx_export import DataWriter
 from mixtral_trt.export.stitch import Initializer
 from mixtral_trt.fsutil import atomic_dir

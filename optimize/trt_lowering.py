@@ -23,7 +23,7 @@ from __future__ import annotations
 import onnx
 from onnx import helper
 
-from mixtral_trt.export import moe_op
+from mixtral_trt.export import moe_schema as moe_op
 from mixtral_trt.plugins import moe_plugin as P
 
 PLUGIN_DOMAIN = "trt.plugins"

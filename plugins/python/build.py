@@ -139,13 +139,9 @@ def _recorded_key(directory: Path) -> str | None:
 
 def _publish(tmp: Path, final: Path) -> None:
     """Swap ``tmp`` into place of ``final`` with renames, so readers see the old or the new build."""
-    old = None
-    if final.exists():
-        old = final.parent / f".{final.name}.old-{os.getpid()}"
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    from mixtral_trt.fsutil import replace_dir
+
+    replace_dir(tmp, final)
 
 
 def main(argv=None) -> int:

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 
-from mixtral_trt.export import moe_op  # noqa: F401  (registers the MoETop2 schema for onnx)
 
 from ..generator import GenerationError
 

@@ -41,7 +41,6 @@ Engine host code is never enabled here (``Runtime.engine_host_code_allowed`` sta
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import logging
 from pathlib import Path
@@ -64,7 +63,6 @@ KINDS = ("key", "value")
 _DTYPE_NAMES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT64": "int64", "INT32": "int32",
                 "INT8": "int8", "UINT8": "uint8", "BOOL": "bool", "FP8": "float8e4m3fn"}  # fmt: skip
 _LOADED_LIBRARIES: dict[tuple[str, str], object] = {}  # (module, realpath) -> handle: TensorRT refuses a 2nd load
-_LOGGERS: dict[str, object] = {}  # TensorRT keeps the first logger a process registers: one per module
 
 
 class TensorRTError(GenerationError):
@@ -179,26 +177,10 @@ def _cuda_torch(device: int):
 
 
 def _logger(trt):
-    """A process-wide nvinfer logger per module: forwards to ``logging``, keeps recent errors."""
-    if trt.__name__ not in _LOGGERS:
+    """The process-wide nvinfer logger, shared with the engine builder (TensorRT keeps the first one)."""
+    from mixtral_trt.optimize.trt_compat import process_logger
 
-        class Logger(trt.ILogger):
-            def __init__(self) -> None:
-                trt.ILogger.__init__(self)
-                self.errors: collections.deque[str] = collections.deque(maxlen=8)
-
-            def log(self, severity, msg) -> None:
-                level = int(severity)  # INTERNAL_ERROR 0, ERROR 1, WARNING 2, INFO 3, VERBOSE 4
-                if level <= 1:
-                    self.errors.append(msg)
-                    log.error("TensorRT: %s", msg)
-                elif level == 2:
-                    log.warning("TensorRT: %s", msg)
-                elif level == 3:
-                    log.debug("TensorRT: %s", msg)
-
-        _LOGGERS[trt.__name__] = Logger()
-    return _LOGGERS[trt.__name__]
+    return process_logger(trt)
 
 
 def _said(logger) -> str:

@@ -197,5 +197,7 @@ def fake_trt(monkeypatch):
     mod.Runtime = Runtime
     monkeypatch.setitem(sys.modules, "tensorrt", mod)
     monkeypatch.setattr(trt_backend, "_LOADED_LIBRARIES", {})
-    monkeypatch.setattr(trt_backend, "_LOGGERS", {})
+    from mixtral_trt.optimize import trt_compat
+
+    monkeypatch.setattr(trt_compat, "_LOGGERS", {})
     return mod
