@@ -28,7 +28,7 @@ from mixtral_trt.runtime.backends import tensorrt as trt_backend
 from mixtral_trt.runtime.backends.tensorrt import TensorRTBackend, TensorRTError, choose_profile, compare_io
 from tests.conftest import make_checkpoint
 
-from tests.runtime.fake_tensorrt import MAX_BATCH, MAX_SEQ, fake_trt  # noqa: F401  (fixture)
+from tests.runtime.fake_tensorrt import MAX_BATCH, MAX_SEQ, ToyOracle, fake_trt  # noqa: F401  (fake_trt: fixture)
 
 
 def _has_cuda() -> bool:
