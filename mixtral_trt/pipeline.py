@@ -81,6 +81,10 @@ def run(plan: Plan, say: Callable[[str], None] | None = None, progress: bool = T
     target, why = choose_target(plan.target)
     if plan.sms and target != "tensorrt-rtx":
         raise PipelineError(f"--sm applies to TensorRT-RTX ahead-of-time builds; the target is {target}")
+    if plan.sms:  # refuse an SM the installed TensorRT-RTX cannot target before any stage runs
+        from mixtral_trt.optimize import engine, trt_compat
+
+        engine.check_target_sms(trt_compat.load(target), plan.sms)
     # ONNX Runtime on CPU has no bf16 MatMul: the ONNX Runtime model of a bf16 build is fp32.
     ort_precision = "fp32" if plan.precision == "bf16" else plan.precision
     say(f"target: {target} ({why}); precision: {plan.precision}; output: {plan.out}")

@@ -107,7 +107,7 @@ def normalize_sms(sms) -> list[str]:
     return list(dict.fromkeys(out))
 
 
-def _target_sms(trt: trt_compat.TensorRT, sms) -> list[str]:
+def check_target_sms(trt: trt_compat.TensorRT, sms) -> list[str]:
     if trt.is_rtx:
         chosen = normalize_sms(sms) if sms is not None else list(trt_compat.RTX_DEFAULT_SMS)
         bad = [sm for sm in chosen if sm not in trt.aot_sms()]
@@ -348,7 +348,7 @@ def build(
         trt = trt_compat.load(target)
     except ValueError as exc:
         raise EngineBuildError(str(exc)) from None
-    target_sms = _target_sms(trt, sms)
+    target_sms = check_target_sms(trt, sms)
 
     _say(progress, f"parsing {model_path} with {trt.flavour} {trt.version}")
     parsed = _parse(trt, manifest, model_path, seq)

@@ -72,6 +72,7 @@ def test_unsupported_sm_names_the_supported_list(tmp_path):
     assert result.exit_code == 1
     assert "90" in result.output and "89" in result.output and "120" in result.output
     assert "Traceback" not in result.output
+    assert not (tmp_path / "b").exists()  # refused before any stage ran
 
 
 def test_bad_choices_are_refused_by_click(tmp_path):

@@ -222,7 +222,7 @@ def test_datacenter_tensorrt_refuses_an_sm_list():
     datacenter = trt_compat.TensorRT(module=None, flavour="tensorrt", version="11.0.0")
     assert datacenter.aot_sms() == () and datacenter.manifest_target == "tensorrt"
     with pytest.raises(engine.EngineBuildError, match="datacenter TensorRT builds for the GPU of this machine"):
-        engine._target_sms(datacenter, ["89"])
+        engine.check_target_sms(datacenter, ["89"])
 
 
 def test_engines_are_built_from_canonical_graphs_only(tmp_path):
