@@ -230,9 +230,12 @@ def optimize(src_dir, out_dir, precision, target, moe, int8_lm_head, int8_router
 @click.option("--max-batch", type=click.IntRange(min=1), help="[default: the export's max_batch]")
 @click.option("--max-seq-len", type=click.IntRange(min=2), help="[default: the export's max_seq_len]")
 @click.option("--timing-cache", type=click.Path(path_type=Path), help="Timing cache file (read and updated).")
+@click.option("--cache-update", type=click.Choice(["inplace", "copy"]), default="inplace", show_default=True,
+              help="inplace: present.* aliases past_key_values.* (our runtimes); copy: a new present tensor "
+                   "each step, for Triton's TensorRT backend.")
 @click.option("--quiet", is_flag=True, help="No progress output.")
 @_user_errors
-def engine(src_dir, out_dir, target, sms, max_batch, max_seq_len, timing_cache, quiet):  # fmt: skip
+def engine(src_dir, out_dir, target, sms, max_batch, max_seq_len, timing_cache, cache_update, quiet):  # fmt: skip
     """Build a TensorRT or TensorRT-RTX plan from an export or a canonical-precision directory.
 
     MoETop2 becomes the MixtralMoETop2 plugin (namespace mixtral, version 1); the plan and a
@@ -247,7 +250,8 @@ def engine(src_dir, out_dir, target, sms, max_batch, max_seq_len, timing_cache, 
             "no TensorRT here: pip install tensorrt-rtx-cu13-libs tensorrt-rtx-cu13-bindings (or tensorrt-cu13)"
         )
     path = build(src_dir, out_dir, target=target, sms=list(sms) or None, max_batch=max_batch,
-                 max_seq_len=max_seq_len, timing_cache=timing_cache, progress=not quiet)  # fmt: skip
+                 max_seq_len=max_seq_len, timing_cache=timing_cache, cache_update=cache_update,
+                 progress=not quiet)  # fmt: skip
     click.echo(f"{target} engine: {path / 'model.plan'}")
 
 

@@ -133,6 +133,12 @@ def _engine_build(build_dir: Path, manifest: dict, tokenizer: Path) -> _Build:
             f"{build_dir} holds a TensorRT-RTX engine; Triton's tensorrt_plan platform runs datacenter "
             "TensorRT engines only. Build one with `mixtral-build engine --target tensorrt` on the serving GPU"
         )
+    if manifest["engine"].get("cache_update", "inplace") != "copy":
+        raise TritonRepositoryError(
+            f"{build_dir} holds an engine whose present.* outputs alias its past_key_values.* inputs (TensorRT's "
+            "in-place KV-cache update); Triton's TensorRT backend gives every output its own buffer, so the cache "
+            "would not be updated. Rebuild it for Triton with `mixtral-build engine SRC --cache-update copy`"
+        )
     libraries, bare = [], []
     for p in spec.plugins:
         if not p.get("library"):

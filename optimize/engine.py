@@ -54,6 +54,7 @@ class ParsedNetwork:
     max_seq_len: int
     moe_nodes: int
     attention_layers: int
+    cache_update: str = "inplace"
 
     def io(self) -> dict[str, list[dict]]:
         return network_io(self.network, self.manifest["io"])
@@ -142,21 +143,23 @@ def _current_gpu_sms() -> list[str]:
 
 
 def parse(src_dir: str | Path, *, target: str | None = None, max_seq_len: int | None = None,
-          max_batch: int | None = None) -> ParsedNetwork:  # fmt: skip
+          max_batch: int | None = None, cache_update: str = "inplace") -> ParsedNetwork:  # fmt: skip
     """Lower ``src_dir``'s graph and parse it into a TensorRT network (no build)."""
     src_dir = Path(src_dir)
     manifest, model_path = _source(src_dir)
     _, seq = _limits(manifest, max_batch, max_seq_len)
     trt = trt_compat.load(target)
-    return _parse(trt, manifest, model_path, seq)
+    return _parse(trt, manifest, model_path, seq, cache_update)
 
 
-def _parse(trt: trt_compat.TensorRT, manifest: dict, model_path: Path, max_seq_len: int) -> ParsedNetwork:
+def _parse(
+    trt: trt_compat.TensorRT, manifest: dict, model_path: Path, max_seq_len: int, cache_update: str = "inplace"
+) -> ParsedNetwork:
     import onnx
 
     from mixtral_trt.plugins import moe_plugin
 
-    lowered = lower_for_tensorrt(onnx.load(str(model_path), load_external_data=False), max_seq_len)
+    lowered = lower_for_tensorrt(onnx.load(str(model_path), load_external_data=False), max_seq_len, cache_update)
     trt_compat.ensure_rtx_unversioned_library(trt)  # before the parser meets a plugin node
     moe_plugin.register(trt.module)
     T, logger = trt.module, trt.logger()
@@ -181,7 +184,7 @@ def _parse(trt: trt_compat.TensorRT, manifest: dict, model_path: Path, max_seq_l
         )
     attention = set_attention_decomposable(trt.module, network)
     _check_io_contract(network, manifest, model_path)
-    return ParsedNetwork(trt, builder, network, parser, manifest, max_seq_len, moe_nodes, attention)
+    return ParsedNetwork(trt, builder, network, parser, manifest, max_seq_len, moe_nodes, attention, cache_update)
 
 
 def _check_io_contract(network, manifest: dict, model_path: Path) -> None:
@@ -328,6 +331,7 @@ def build(
     max_batch: int | None = None,
     max_seq_len: int | None = None,
     timing_cache: str | Path | None = None,
+    cache_update: str = "inplace",
     progress: bool = True,
 ) -> Path:
     """Build ``out_dir/model.plan`` (+ tokenizer files, manifest.json) from an export or canonical
@@ -338,6 +342,9 @@ def build(
     ``max_seq_len``: default the export's; the cache length is pinned to ``max_seq_len``.
     ``timing_cache``: datacenter TensorRT only (TensorRT-RTX's timing-cache calls are no-ops);
     default a file next to ``out_dir`` shared by builds with the same TensorRT version.
+    ``cache_update``: 'inplace' (TensorRT's KV-cache-update layer: ``present.*`` aliases
+    ``past_key_values.*``, as our runtimes bind them) or 'copy' (``present.*`` is a new tensor,
+    for servers that give every output its own buffer, such as Triton's TensorRT backend).
     """
     started = time.perf_counter()
     src_dir, out_dir = Path(src_dir), Path(out_dir)
@@ -351,7 +358,7 @@ def build(
     target_sms = check_target_sms(trt, sms)
 
     _say(progress, f"parsing {model_path} with {trt.flavour} {trt.version}")
-    parsed = _parse(trt, manifest, model_path, seq)
+    parsed = _parse(trt, manifest, model_path, seq, cache_update)
     config = parsed.builder.create_builder_config()
     ranges = profile_ranges(batch, seq)
     _add_profiles(parsed, config, ranges)
@@ -440,6 +447,7 @@ def _manifest_body(parsed: ParsedNetwork, src: dict, src_dir: Path, batch: int, 
             "target": trt.manifest_target,
             "trt_version": trt.version,
             "cache_dtype": cache_dtype,
+            "cache_update": parsed.cache_update,
             "precision": precision,
             "target_sms": [f"sm_{s}" for s in target_sms],
             "strongly_typed": True,

@@ -12,7 +12,12 @@ Two changes, nothing else (weights stay where they are, external data untouched)
 2. The KV cache capacity is pinned: the parser turns ``TensorScatter`` into TensorRT's
    KV-cache-update layer, which refuses a dynamic cache length, so the ``max_cache_len`` dim of
    ``past_key_values.*`` / ``present.*`` becomes ``max_seq_len``.
-3. ``Attention``'s ``softmax_precision`` attribute (set by the fp16/bf16/int8 precision pass) is
+3. With ``cache_update="copy"`` (for servers that cannot alias an output to an input, such as
+   Triton's TensorRT backend) each ``TensorScatter`` becomes standard ops that write a new
+   ``present`` tensor: a one-hot [B, L, S] of the written slots, a MatMul placing the new rows,
+   and a Where keeping ``past`` elsewhere. It costs O(L) per step; the default ``"inplace"``
+   keeps TensorRT's in-place KV-cache-update layer.
+4. ``Attention``'s ``softmax_precision`` attribute (set by the fp16/bf16/int8 precision pass) is
    dropped: TensorRT's IAttention has no such setting and its parser refuses the node ("Setting
    softmax precision is not supported in TensorRT Attention"); TensorRT picks the softmax
    accumulation itself (whether it is fp32 in every kernel is to be checked on a GPU).
@@ -31,6 +36,7 @@ PLUGIN_DOMAIN_VERSION = 1
 CACHE_DIM = "max_cache_len"
 CACHE_PREFIXES = ("past_key_values.", "present.")
 DROPPED_ATTENTION_ATTRS = ("softmax_precision",)
+CACHE_UPDATES = ("inplace", "copy")
 
 
 class LoweringError(ValueError):
@@ -94,10 +100,43 @@ def _pin_cache_dims(values, max_seq_len: int) -> int:
     return pinned
 
 
-def lower_for_tensorrt(model: onnx.ModelProto, max_seq_len: int) -> onnx.ModelProto:
+def scatter_copy_nodes(node: onnx.NodeProto) -> list[onnx.NodeProto]:
+    """``TensorScatter(past [B,K,L,D], update [B,K,S,D], write_indices [B])`` (axis 2, linear) as
+    standard ops producing a new tensor: present = Where(slot written, onehot^T @ update, past)."""
+    past, update, write = node.input[:3]
+    p = f"{node.name or node.output[0]}/copy"
+    out: list[onnx.NodeProto] = []
+
+    def add(op: str, inputs: list[str], **attrs) -> str:
+        name = f"{p}/{op}{len(out)}"
+        out.append(helper.make_node(op, inputs, [name], name=name, **attrs))
+        return name
+
+    def ints(*values: int) -> str:
+        return add("Constant", [], value=helper.make_tensor(f"{p}/c{len(out)}", onnx.TensorProto.INT64,
+                                                            [len(values)], list(values)))  # fmt: skip
+
+    zero, one = add("Constant", [], value_int=0), add("Constant", [], value_int=1)
+    seq = add("Squeeze", [add("Slice", [add("Shape", [update]), ints(2), ints(3)]), ints(0)])  # S
+    cap = add("Squeeze", [add("Slice", [add("Shape", [past]), ints(2), ints(3)]), ints(0)])  # L
+    slots = add("Add", [add("Unsqueeze", [write, ints(1)]), add("Range", [zero, seq, one])])  # [B, S]
+    onehot = add("Equal", [add("Unsqueeze", [slots, ints(2)]), add("Range", [zero, cap, one])])  # [B, S, L]
+    weights = add("CastLike", [onehot, update])  # [B, S, L] in the cache dtype
+    placer = add("Unsqueeze", [add("Transpose", [weights], perm=[0, 2, 1]), ints(1)])  # [B, 1, L, S]
+    placed = add("MatMul", [placer, update])  # [B, K, L, D]: the new rows, zeros elsewhere
+    written = add("Unsqueeze", [add("ReduceMax", [add("Cast", [onehot], to=onnx.TensorProto.INT32), ints(1)],
+                                    keepdims=0), ints(1, 3)])  # [B, 1, L, 1]  # fmt: skip
+    out.append(helper.make_node("Where", [add("Cast", [written], to=onnx.TensorProto.BOOL), placed, past],
+                                [node.output[0]], name=f"{p}/Where"))  # fmt: skip
+    return out
+
+
+def lower_for_tensorrt(model: onnx.ModelProto, max_seq_len: int, cache_update: str = "inplace") -> onnx.ModelProto:
     """A copy of ``model`` with each MoETop2 as a MixtralMoETop2 plugin node and the cache length fixed."""
     if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 1:
         raise LoweringError(f"max_seq_len={max_seq_len!r}; expected a positive integer")
+    if cache_update not in CACHE_UPDATES:
+        raise LoweringError(f"cache_update={cache_update!r}; expected one of {CACHE_UPDATES}")
     out = onnx.ModelProto()
     out.CopyFrom(model)
     nodes, moe = [], 0
@@ -107,6 +146,8 @@ def lower_for_tensorrt(model: onnx.ModelProto, max_seq_len: int) -> onnx.ModelPr
             moe += 1
         elif node.domain == moe_op.MOE_DOMAIN:
             raise LoweringError(f"{node.name}: {node.domain}.{node.op_type} has no TensorRT lowering")
+        elif cache_update == "copy" and node.domain in ("", "ai.onnx") and node.op_type == "TensorScatter":
+            nodes.extend(scatter_copy_nodes(node))
         else:
             if node.domain in ("", "ai.onnx") and node.op_type == "Attention":
                 kept = [a for a in node.attribute if a.name not in DROPPED_ATTENTION_ATTRS]

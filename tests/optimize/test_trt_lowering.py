@@ -235,3 +235,39 @@ def test_engines_are_built_from_canonical_graphs_only(tmp_path):
     with pytest.raises(engine.EngineBuildError, match="optimize output for target 'onnxruntime'"):
         engine.build(tmp_path, tmp_path.parent / "engine", progress=False)
     assert not (tmp_path.parent / "engine").exists()
+
+
+def test_copy_cache_update_equals_tensor_scatter_on_onnxruntime(tmp_path):
+    """The standard-op cache update (for Triton) writes exactly what TensorScatter writes."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from mixtral_trt.export.onnx_export import export
+    from mixtral_trt.export.tiny import default_tiny
+    from mixtral_trt.optimize.lowering import lower_for_onnxruntime
+    from mixtral_trt.optimize.trt_lowering import scatter_copy_nodes
+
+    export_dir = export(default_tiny(), tmp_path / "export", max_seq_len=16, progress=False)
+    model = onnx.load(str(export_dir / "model.onnx"), load_external_data=False)
+    copied = onnx.ModelProto()
+    copied.CopyFrom(model)
+    del copied.graph.node[:]
+    for node in model.graph.node:
+        copied.graph.node.extend(scatter_copy_nodes(node) if node.op_type == "TensorScatter" else [node])
+    assert not [n for n in copied.graph.node if n.op_type == "TensorScatter"]
+
+    rng = np.random.default_rng(0)
+    B, S, L = 2, 3, 16
+    feeds = {"input_ids": rng.integers(3, 32000, (B, S)), "position_ids": np.array([[4, 5, 6], [9, 10, 11]]),
+             "write_indices": np.array([4, 9])}  # fmt: skip
+    for i in range(2):
+        for kind in ("key", "value"):
+            feeds[f"past_key_values.{i}.{kind}"] = rng.standard_normal((B, 2, L, 32)).astype(np.float32)
+
+    def run(m):
+        options = ort.SessionOptions()
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(export_dir))
+        return ort.InferenceSession(lower_for_onnxruntime(m).SerializeToString(), options).run(None, feeds)
+
+    for want, got in zip(run(model), run(copied)):
+        np.testing.assert_array_equal(got, want)

@@ -67,7 +67,8 @@ def engine_dir(root: Path, source: Path, io: dict | None = None, tokenizer: Path
     (root / "model.plan").write_bytes(b"not a real plan")
     shutil.copy(tokenizer or source / "tokenizer.model", root)
     body = {"config": src["config"], "export": src["export"], "io": io or src["io"],
-            "engine": {"plan_file": "model.plan", "target": "tensorrt", "trt_version": "11.0.0", **engine}}  # fmt: skip
+            "engine": {"plan_file": "model.plan", "target": "tensorrt", "trt_version": "11.0.0",
+                       "cache_update": "copy", **engine}}  # fmt: skip
     write_manifest(root, "engine", body)
     return root
 
@@ -211,10 +212,13 @@ def test_real_engine_manifest(tmp_path, builds, pb2):
     pytest.importorskip("tensorrt_rtx_bindings", reason="pip install tensorrt-rtx-cu13-libs tensorrt-rtx-cu13-bindings")
     from mixtral_trt.optimize import engine
 
-    built = engine.build(builds[0], tmp_path / "rtx", target="tensorrt-rtx", max_seq_len=32, progress=False)
+    built = engine.build(builds[0], tmp_path / "rtx", target="tensorrt-rtx", max_seq_len=32, cache_update="copy",
+                         progress=False)  # fmt: skip
     with pytest.raises(TritonRepositoryError, match="TensorRT-RTX engine"):
         write_repository(built, tmp_path / "repo")
     manifest = read_manifest(built)
+    assert manifest["engine"]["cache_update"] == "copy"
+    assert not manifest["engine"]["layers"].get("KV_CACHE_UPDATE")  # present.* is a new tensor, not an alias
     assert manifest["io"]["inputs"][3]["shape"][2] == 32  # an integer: the engine pins the cache length
     shutil.copytree(built, tmp_path / "trt")
     body = {k: v for k, v in manifest.items() if k not in ("format", "format_version", "stage", "files")}
@@ -517,3 +521,10 @@ def test_device_resident_cache_through_dlpack(device, cache_dtype):
     fresh = TritonBlsBackend(fake_pb_utils(server), "engine", manifest, cache_memory="gpu")
     with pytest.raises(TritonBlsError, match="does not return the updated cache"):
         fresh.step(np.array([[1, 2]]), np.array([[0, 1]]), np.array([0]))
+
+
+def test_engine_with_in_place_cache_is_refused(tmp_path, ort_build):
+    build = engine_dir(tmp_path / "engine", ort_build, cache_update="inplace")
+    with pytest.raises(TritonRepositoryError, match="--cache-update copy"):
+        write_repository(build, tmp_path / "repo")
+    assert not (tmp_path / "repo").exists()
