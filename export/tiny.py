@@ -36,6 +36,18 @@ TINY_CONFIG = MixtralConfig(
     torch_dtype="float32",
 )
 
+# Real-text prompts (tokenized with Mixtral's tokenizer) for accuracy checks and demos.
+SAMPLE_PROMPTS = [
+    "The capital of France is Paris, and the capital of Germany is Berlin.",
+    "Once upon a time, in a small village by the sea, there lived an old fisherman.",
+    "Photosynthesis converts light energy into chemical energy stored in glucose.",
+    "To install the package, run pip install and then import it in your script.",
+    "The quick brown fox jumps over the lazy dog while the cat watches quietly.",
+    "In 1969, astronauts landed on the Moon for the first time in human history.",
+    "def fibonacci(n):\n    return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)",
+    "Water boils at one hundred degrees Celsius at sea level pressure.",
+]
+
 
 def tiny_config(**overrides) -> MixtralConfig:
     """The default tiny config with some fields replaced (head_dim follows hidden/heads unless given)."""

@@ -27,16 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-PROMPTS = [
-    "The capital of France is Paris, and the capital of Germany is Berlin.",
-    "Once upon a time, in a small village by the sea, there lived an old fisherman.",
-    "Photosynthesis converts light energy into chemical energy stored in glucose.",
-    "To install the package, run pip install and then import it in your script.",
-    "The quick brown fox jumps over the lazy dog while the cat watches quietly.",
-    "In 1969, astronauts landed on the Moon for the first time in human history.",
-    "def fibonacci(n):\n    return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)",
-    "Water boils at one hundred degrees Celsius at sea level pressure.",
-]
+from mixtral_trt.export.tiny import SAMPLE_PROMPTS as PROMPTS
+
 LARGER = dict(hidden_size=512, intermediate_size=1024, num_local_experts=8, num_attention_heads=8,
               num_key_value_heads=2, num_hidden_layers=4, vocab_size=32000)  # fmt: skip
 NEW_TOKENS = 64

@@ -12,6 +12,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from mixtral_trt.export import moe_op
+from mixtral_trt.export.tiny import SAMPLE_PROMPTS
 from tests.conftest import make_checkpoint
 
 ort = pytest.importorskip("onnxruntime")
@@ -22,16 +23,6 @@ ACT = {"fp32": FLOAT, "fp16": FP16, "bf16": BF16, "int8": FP16}
 SMALL_BF16 = dict(num_hidden_layers=2, hidden_size=32, intermediate_size=48, num_attention_heads=2,
                   num_key_value_heads=1, num_local_experts=4, vocab_size=200, torch_dtype="bfloat16",
                   tie_word_embeddings=True)  # fmt: skip
-PROMPTS = [
-    "The capital of France is Paris, and the capital of Germany is Berlin.",
-    "Once upon a time, in a small village by the sea, there lived an old fisherman.",
-    "Photosynthesis converts light energy into chemical energy stored in glucose.",
-    "To install the package, run pip install and then import it in your script.",
-    "The quick brown fox jumps over the lazy dog while the cat watches quietly.",
-    "In 1969, astronauts landed on the Moon for the first time in human history.",
-    "def fibonacci(n):\n    return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)",
-    "Water boils at one hundred degrees Celsius at sea level pressure.",
-]
 
 
 @pytest.fixture(scope="module")
@@ -271,7 +262,7 @@ def reference(tiny_export):
     from mixtral_trt import runtime
 
     model = runtime.load(tiny_export, verify=False)
-    ids = model.generator.encode(PROMPTS)
+    ids = model.generator.encode(SAMPLE_PROMPTS)
     return ids, np.concatenate(model.logits(ids))  # [positions, V]
 
 
