@@ -9,8 +9,15 @@ the share of tokens identical before the first divergence, and the share identic
 Two more rows separate the error of int8 *weights* from the error of int8 *execution*:
 "int8 oracle" is the fp32 export with every weight the int8 build quantized replaced by
 q · scale (read from the int8 build, computed in numpy), run in fp32; "int8 vs oracle"
-compares the int8 build with it. Exits non-zero unless int8 top-1 agreement with fp32 on the
-larger model is at least 95%.
+compares the int8 build with it.
+
+A second table measures the larger model's top-1 agreement on many more positions (long
+real-text passages: the docstrings of Python standard-library modules, cut into chunks), and
+adds an "int9 oracle": the same weights rounded the same way (symmetric, per output channel)
+to 9 bits, i.e. what one more bit of weight precision would give.
+
+Exits non-zero unless int8 top-1 agreement with fp32 on the larger model (the prompts) is at
+least 95%.
 
     python scripts/precision_accuracy.py
     python scripts/precision_accuracy.py --out /tmp/acc   # keep the artifacts
@@ -34,6 +41,9 @@ LARGER = dict(hidden_size=512, intermediate_size=1024, num_local_experts=8, num_
 NEW_TOKENS = 64
 MAX_SEQ_LEN = 128
 THRESHOLD = 0.95
+LONG_MODULES = ("argparse", "collections", "logging", "subprocess", "threading", "json", "zipfile", "unittest",
+                "email", "http", "pickle", "csv")  # fmt: skip
+LONG_CHUNK, LONG_CHUNKS = 96, 24  # tokens per passage (plus BOS), passages
 
 
 def measure(directory: Path, ids: list[list[int]]) -> tuple[np.ndarray, list[list[int]]]:
@@ -62,8 +72,12 @@ def compare(ref, got) -> dict[str, float]:
     }
 
 
-def dequantized_export(export_dir: Path, int8_dir: Path, out: Path) -> Path:
-    """``export_dir`` (fp32 weights) with each weight that ``int8_dir`` quantized replaced by q · scale."""
+def dequantized_export(export_dir: Path, int8_dir: Path, out: Path, bits: int = 8) -> Path:
+    """``export_dir`` (fp32 weights) with each weight that ``int8_dir`` quantized replaced by q · scale.
+
+    ``bits=8`` takes q and scale from the int8 build itself; other widths round the fp32 weight
+    the same way (symmetric, per output channel, scale = max|row| / (2^(bits-1) - 1)) in numpy.
+    """
     import onnx
 
     from mixtral_trt.manifest import read_manifest, write_manifest
@@ -87,16 +101,52 @@ def dequantized_export(export_dir: Path, int8_dir: Path, out: Path) -> Path:
         for name, t in src.items():
             if f"{name}.int8" in q:
                 assert t.data_type == onnx.TensorProto.FLOAT, f"{name}: the oracle needs an fp32 export"
-                scale = read(int8_dir, q[f"{name}.scale"], np.float16).astype(np.float32)
+                if bits == 8:
+                    scale = read(int8_dir, q[f"{name}.scale"], np.float16).astype(np.float32)
+                    w = read(int8_dir, q[f"{name}.int8"], np.int8) * scale[..., None]
+                else:
+                    w = read(export_dir, t, np.float32)
+                    qmax = 2 ** (bits - 1) - 1
+                    scale = np.abs(w).max(-1, keepdims=True) / qmax
+                    scale[scale == 0] = 1
+                    w = np.clip(np.round(w / scale), -qmax, qmax) * scale
                 f.seek(where(t))
-                f.write((read(int8_dir, q[f"{name}.int8"], np.int8) * scale[..., None]).astype("<f4").tobytes())
+                f.write(w.astype("<f4").tobytes())
     manifest = read_manifest(out, "export", verify=False)
     body = {k: v for k, v in manifest.items() if k not in ("format", "format_version", "stage", "files")}
     write_manifest(out, "export", body)
     return out
 
 
-def run_model(name: str, ckpt: Path, root: Path) -> list[tuple[str, str, int, dict]]:
+def long_text(model) -> list[list[int]]:
+    """LONG_CHUNKS passages of LONG_CHUNK tokens of real English prose, each after a BOS."""
+    import importlib
+
+    docs = (importlib.import_module(m).__doc__ for m in LONG_MODULES)
+    tok = model.generator.tokenizer
+    ids = tok.encode(" ".join(" ".join(d.split()) for d in docs if d), bos=False)
+    chunks = [[tok.bos_id, *ids[i : i + LONG_CHUNK]] for i in range(0, len(ids) - LONG_CHUNK + 1, LONG_CHUNK)]
+    return chunks[:LONG_CHUNKS]
+
+
+def long_top1(dirs: dict[str, Path], pairs) -> list[tuple[str, int, float, float]]:
+    """(compared, positions, max |logit error|, top-1 agreement) on the long text, prefill only."""
+    from mixtral_trt import runtime
+
+    logits = {}
+    for name, d in dirs.items():
+        model = runtime.load(d, verify=False)
+        chunks = long_text(model)
+        step = model.backend.max_batch
+        logits[name] = np.concatenate([x for i in range(0, len(chunks), step) for x in model.logits(chunks[i : i + step])])
+    rows = []
+    for a, b in pairs:
+        err = np.abs(logits[a] - logits[b]).max()
+        rows.append((f"{a} vs {b}", len(logits[b]), float(err), float((logits[a].argmax(-1) == logits[b].argmax(-1)).mean())))
+    return rows
+
+
+def run_model(name: str, ckpt: Path, root: Path, long: bool = False):
     from mixtral_trt import runtime
     from mixtral_trt.export.onnx_export import export
     from mixtral_trt.optimize.precision import convert
@@ -112,13 +162,19 @@ def run_model(name: str, ckpt: Path, root: Path) -> list[tuple[str, str, int, di
     got = {p: measure(d, ids) for p, d in dirs.items()}
     pairs = [("fp16", "fp32"), ("int8", "fp32"), ("int8 oracle", "fp32"), ("int8", "int8 oracle")]
     rows = [(name, f"{a} vs {b}", len(got[b][0]), compare(got[b], got[a])) for a, b in pairs]
+    long_rows = []
+    if long:
+        dirs["int9 oracle"] = dequantized_export(export_dir, dirs["int8"], root / f"{name}-int9-oracle", bits=9)
+        long_rows = long_top1(dirs, pairs[:3] + [("int9 oracle", "fp32")])
     print(f"  {name}: built and measured in {time.perf_counter() - start:.0f} s", file=sys.stderr)
-    return rows
+    return rows, long_rows
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, help="keep the checkpoints and builds here (default: a temporary directory)")
+    ap.add_argument("--layers", type=int, default=LARGER["num_hidden_layers"], metavar="N",
+                    help="decoder layers of the larger model (default %(default)s)")  # fmt: skip
     args = ap.parse_args()
 
     from mixtral_trt.export.tiny import default_tiny, tiny_config, write_tiny
@@ -126,14 +182,19 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         root = args.out or Path(tmp)
         root.mkdir(parents=True, exist_ok=True)
-        larger = root / "larger-ckpt"
+        if args.layers < 1:
+            ap.error(f"--layers {args.layers}: the larger model needs at least one layer")
+        larger = root / f"larger-{args.layers}-ckpt"
         if not (larger / "config.json").is_file():
-            write_tiny(larger, tiny_config(**LARGER), seed=0)
-        rows = run_model("tiny", default_tiny(), root) + run_model("larger", larger, root)
+            write_tiny(larger, tiny_config(**{**LARGER, "num_hidden_layers": args.layers}), seed=0)
+        rows, _ = run_model("tiny", default_tiny(), root)
+        larger_rows, long_rows = run_model("larger", larger, root, long=True)
+        rows += larger_rows
 
     print(f"{len(PROMPTS)} real-text prompts (Mixtral tokenizer), one batched prefill; greedy {NEW_TOKENS} new tokens "
           "per prompt; ONNX Runtime CPU; reference: the fp32 export")  # fmt: skip
-    print("larger = hidden 512, FFN 1024, 8 experts top-2, 8/2 heads, 4 layers, vocab 32000 (random weights)")
+    print(f"larger = hidden 512, FFN 1024, 8 experts top-2, 8/2 heads, {args.layers} layers, vocab 32000 "
+          "(random weights)")  # fmt: skip
     print()
     print("| model | compared | positions | max abs logit error | median per-position max error | top-1 agreement "
           "| greedy identical before first divergence | greedy identical overall |")  # fmt: skip
@@ -141,6 +202,13 @@ def main() -> int:
     for name, precision, positions, m in rows:
         print(f"| {name} | {precision} | {positions} | {m['max_err']:.4f} | {m['median_err']:.4f} | {m['top1']:.1%} "
               f"| {m['prefix']:.1%} | {m['overall']:.1%} |")  # fmt: skip
+    print(f"\nlarger model, long text ({LONG_CHUNKS} passages of {LONG_CHUNK} tokens from the docstrings of "
+          f"{', '.join(LONG_MODULES)}; Python {sys.version.split()[0]}): prefill only")  # fmt: skip
+    print()
+    print("| compared | positions | max abs logit error | top-1 agreement |")
+    print("|---|---|---|---|")
+    for compared, positions, err, top1 in long_rows:
+        print(f"| {compared} | {positions} | {err:.4f} | {top1:.1%} |")
     top1 = {p: m["top1"] for name, p, _, m in rows if name == "larger"}
     int8_larger = top1["int8 vs fp32"]
     if int8_larger < THRESHOLD:
