@@ -83,13 +83,16 @@ def _parse_sms(ctx, param, value):
               help="TensorRT-RTX ahead-of-time targets, e.g. 89,120 [default: 89,120].")
 @click.option("--int8-lm-head", is_flag=True, help="With --precision int8: quantise the LM head too (default fp16).")
 @click.option("--int8-router", is_flag=True, help="With --precision int8: quantise the MoE router too (default fp16).")
+@click.option("--fp16-attention", is_flag=True,
+              help="With --precision int8: keep the attention projections fp16 (int8 experts only; more accurate).")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path),
               help="Build directory [default: out/<model name>-<precision>].")
 @click.option("--quiet", is_flag=True, help="No progress output.")
 @click.version_option(package_name="mixtral-trt")
 @click.pass_context
 @_user_errors
-def main(ctx, model, precision, target, max_batch, max_seq_len, sms, int8_lm_head, int8_router, out_dir, quiet):
+def main(ctx, model, precision, target, max_batch, max_seq_len, sms, int8_lm_head, int8_router, fp16_attention,
+         out_dir, quiet):  # fmt: skip
     """Compile a Mixtral checkpoint: export -> precision -> ONNX Runtime model + TensorRT engine.
 
     With no command, runs the whole build for --model (default: the built-in tiny model) and
@@ -113,7 +116,8 @@ def main(ctx, model, precision, target, max_batch, max_seq_len, sms, int8_lm_hea
     path = resolve_model(model)
     out_dir = out_dir or Path("out") / f"{'tiny' if model == 'tiny' else path.name}-{precision}"
     plan = pipeline.Plan(model=path, out=out_dir, precision=precision, target=target, max_batch=max_batch,
-                         max_seq_len=max_seq_len, sms=sms, int8_lm_head=int8_lm_head, int8_router=int8_router)  # fmt: skip
+                         max_seq_len=max_seq_len, sms=sms, int8_lm_head=int8_lm_head, int8_router=int8_router,
+                         int8_attention=not fp16_attention)  # fmt: skip
     results = pipeline.run(plan, say=(lambda m: None) if quiet else (lambda m: click.echo(m, err=True)),
                            progress=not quiet)  # fmt: skip
     click.echo("built:")
@@ -188,9 +192,10 @@ def export(model, out_dir, max_batch, max_seq_len, quiet):  # fmt: skip
               help="ONNX Runtime MoE: contrib com.microsoft kernels, or standard ops (portable reference, dense).")
 @click.option("--int8-lm-head", is_flag=True, help="With --precision int8: quantise the LM head too.")
 @click.option("--int8-router", is_flag=True, help="With --precision int8: quantise the MoE router too.")
+@click.option("--fp16-attention", is_flag=True, help="With --precision int8: keep the attention projections fp16.")
 @click.option("--quiet", is_flag=True, help="No progress output.")
 @_user_errors
-def optimize(src_dir, out_dir, precision, target, moe, int8_lm_head, int8_router, quiet):  # fmt: skip
+def optimize(src_dir, out_dir, precision, target, moe, int8_lm_head, int8_router, fp16_attention, quiet):  # fmt: skip
     """Apply a precision to an export directory and lower it for a target runtime.
 
     Weights are rewritten once (streamed, one tensor chunk at a time) into the new precision;
@@ -207,7 +212,8 @@ def optimize(src_dir, out_dir, precision, target, moe, int8_lm_head, int8_router
     from mixtral_trt.manifest import check_output_dir
 
     check_output_dir(out_dir, "optimize")
-    options = dict(int8_lm_head=int8_lm_head, int8_router=int8_router, progress=not quiet)
+    options = dict(int8_lm_head=int8_lm_head, int8_router=int8_router, int8_attention=not fp16_attention,
+                   progress=not quiet)  # fmt: skip
     if target == "canonical":
         path = convert(src_dir, out_dir, precision, **options)
     else:

@@ -41,6 +41,7 @@ class Plan:
     sms: tuple[str, ...] = ()
     int8_lm_head: bool = False
     int8_router: bool = False
+    int8_attention: bool = True
 
 
 @dataclasses.dataclass
@@ -78,6 +79,11 @@ def run(plan: Plan, say: Callable[[str], None] | None = None, progress: bool = T
     say = say or (lambda msg: print(msg, file=sys.stderr))
     if plan.precision not in PRECISIONS:
         raise PipelineError(f"--precision {plan.precision!r} is not one of {PRECISIONS}")
+    int8_only = [flag for flag, on in (("--int8-lm-head", plan.int8_lm_head), ("--int8-router", plan.int8_router),
+                                       ("--fp16-attention", not plan.int8_attention)) if on]  # fmt: skip
+    if int8_only and plan.precision != "int8":
+        raise PipelineError(f"{', '.join(int8_only)} apply to --precision int8 only, not {plan.precision}; "
+                            "drop them or add --precision int8")  # fmt: skip
     target, why = choose_target(plan.target)
     if plan.sms and target != "tensorrt-rtx":
         raise PipelineError(f"--sm applies to TensorRT-RTX ahead-of-time builds; the target is {target}")
@@ -113,7 +119,7 @@ def _stages(plan: Plan, target: str, ort_precision: str):
             from mixtral_trt.optimize.precision import convert
 
             return convert(export_dir, dst, precision, int8_lm_head=plan.int8_lm_head, int8_router=plan.int8_router,
-                           progress=progress)  # fmt: skip
+                           int8_attention=plan.int8_attention, progress=progress)  # fmt: skip
 
         return make
 
@@ -128,7 +134,8 @@ def _stages(plan: Plan, target: str, ort_precision: str):
         return build(precise_dir, out / "engine", target=target, sms=list(plan.sms) or None,
                      max_batch=plan.max_batch, max_seq_len=plan.max_seq_len, progress=progress)  # fmt: skip
 
-    options = {"precision": plan.precision, "int8_lm_head": plan.int8_lm_head, "int8_router": plan.int8_router}
+    options = {"precision": plan.precision, "int8_lm_head": plan.int8_lm_head, "int8_router": plan.int8_router,
+               "int8_attention": plan.int8_attention}  # fmt: skip
     stages = [("export", export_stage, lambda: {"checkpoint": _checkpoint_fingerprint(plan.model),
                                                  "max_batch": plan.max_batch, "max_seq_len": plan.max_seq_len})]
     stages.append((f"precision {plan.precision}", precision_stage(precise_dir, plan.precision),

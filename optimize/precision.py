@@ -12,7 +12,9 @@ TensorRT 11 builds strongly typed networks only, so precision is a property of t
   feeds the export's ``Transpose → MatMul`` unchanged. Symmetric per output channel (TensorRT's
   int8 is symmetric and per-channel only on constant weights). Experts go to MoETop2 as int8 with
   ``w13_scale`` [E, 2I] / ``w2_scale`` [E, H] and ``quantization='int8'``. Embedding, norms and rope
-  tables are fp16; the router and LM head stay fp16 unless ``int8_router`` / ``int8_lm_head``.
+  tables are fp16; the router and LM head stay fp16 unless ``int8_router`` / ``int8_lm_head``;
+  ``int8_attention=False`` keeps the attention projections fp16 too (experts-only int8: about
+  3% of Mixtral's weight bytes stay fp16, for accuracy; see the README's accuracy section).
 
 Weights stream: one initializer at a time, in row chunks of at most :data:`CHUNK_BYTES` (fp32
 working size; rows are output channels, leading dims flattened), each output tensor written once.
@@ -94,6 +96,7 @@ def convert(
     *,
     int8_lm_head: bool = False,
     int8_router: bool = False,
+    int8_attention: bool = True,
     progress: bool = True,
 ) -> Path:
     """Write ``out_dir`` (model.onnx, a new model.onnx.data, tokenizer files, manifest.json) from an export.
@@ -103,8 +106,8 @@ def convert(
     """
     if precision not in PRECISIONS:
         raise PrecisionError(f"precision {precision!r} is not one of {PRECISIONS}")
-    if (int8_lm_head or int8_router) and precision != "int8":
-        raise PrecisionError(f"int8_lm_head/int8_router apply to precision 'int8' only, not {precision!r}")
+    if (int8_lm_head or int8_router or not int8_attention) and precision != "int8":
+        raise PrecisionError(f"int8_lm_head/int8_router/int8_attention apply to precision 'int8' only, not {precision!r}")
     src_dir, out_dir = Path(src_dir), Path(out_dir)
     manifest = read_manifest(src_dir, "export", verify=False)  # the data file is verified while it is read
     info = manifest["export"]
@@ -118,7 +121,7 @@ def convert(
     small = {n: e for n, e in manifest["files"].items() if n != info["data_file"]}
     verify_files(src_dir, {"files": small})
     model = onnx.load(str(src_dir / info["model_file"]), load_external_data=False)
-    jobs = _plan(model.graph, precision, int8_lm_head, int8_router)
+    jobs = _plan(model.graph, precision, int8_lm_head, int8_router, int8_attention)
     act = ACTIVATION[precision]
 
     with atomic_dir(out_dir) as tmp:
@@ -142,7 +145,7 @@ def convert(
                 _link_or_copy(src_dir / name, tmp / name)
         optimize = {"precision": precision, "target": "canonical"}
         if precision == "int8":
-            optimize["int8"] = {"lm_head": int8_lm_head, "router": int8_router}
+            optimize["int8"] = {"lm_head": int8_lm_head, "router": int8_router, "attention": int8_attention}
         optimize["source"] = {"dir": str(src_dir.resolve()), "manifest_sha256": sha256_file(src_dir / MANIFEST)}
         body = {"config": manifest["config"], "export": manifest["export"], "io": io, "optimize": optimize}
         hashes = {n: e["sha256"] for n, e in small.items() if n != info["model_file"]}
@@ -174,7 +177,8 @@ def quantize_rows(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return x.astype(np.int8), scale
 
 
-def _plan(graph: onnx.GraphProto, precision: str, int8_lm_head: bool, int8_router: bool) -> list[_Job]:
+def _plan(graph: onnx.GraphProto, precision: str, int8_lm_head: bool, int8_router: bool,
+          int8_attention: bool) -> list[_Job]:  # fmt: skip
     """What becomes of each initializer, in data-file order (so the source is read front to back)."""
     weight = "float16" if precision == "int8" else ACTIVATION[precision]
     jobs = []
@@ -185,7 +189,8 @@ def _plan(graph: onnx.GraphProto, precision: str, int8_lm_head: bool, int8_route
                 "this is not a canonical export"
             )
         quantize = precision == "int8" and (
-            bool(_ATTENTION_LINEAR.fullmatch(init.name) or _EXPERTS.fullmatch(init.name))
+            bool(_EXPERTS.fullmatch(init.name))
+            or (int8_attention and bool(_ATTENTION_LINEAR.fullmatch(init.name)))
             or (int8_router and bool(_ROUTER.fullmatch(init.name)))
             or (int8_lm_head and init.name == LM_HEAD)
         )

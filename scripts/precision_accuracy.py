@@ -9,7 +9,8 @@ the share of tokens identical before the first divergence, and the share identic
 Two more rows separate the error of int8 *weights* from the error of int8 *execution*:
 "int8 oracle" is the fp32 export with every weight the int8 build quantized replaced by
 q · scale (read from the int8 build, computed in numpy), run in fp32; "int8 vs oracle"
-compares the int8 build with it.
+compares the int8 build with it. "int8 fp16-attention" is int8 with the attention projections
+kept fp16 (``--fp16-attention``: int8 experts only).
 
 A second table measures the larger model's top-1 agreement on many more positions (long
 real-text passages: the docstrings of Python standard-library modules, cut into chunks), and
@@ -156,16 +157,19 @@ def run_model(name: str, ckpt: Path, root: Path, long: bool = False):
     dirs = {"fp32": export_dir}
     for precision in ("fp16", "int8"):
         dirs[precision] = convert(export_dir, root / f"{name}-{precision}", precision, progress=False)
+    dirs["int8 fp16-attention"] = convert(export_dir, root / f"{name}-int8-fp16-attention", "int8",
+                                          int8_attention=False, progress=False)  # fmt: skip
     dirs["int8 oracle"] = dequantized_export(export_dir, dirs["int8"], root / f"{name}-int8-oracle")
 
     ids = runtime.load(export_dir, verify=False).generator.encode(PROMPTS)
     got = {p: measure(d, ids) for p, d in dirs.items()}
-    pairs = [("fp16", "fp32"), ("int8", "fp32"), ("int8 oracle", "fp32"), ("int8", "int8 oracle")]
+    pairs = [("fp16", "fp32"), ("int8", "fp32"), ("int8 oracle", "fp32"), ("int8", "int8 oracle"),
+             ("int8 fp16-attention", "fp32")]  # fmt: skip
     rows = [(name, f"{a} vs {b}", len(got[b][0]), compare(got[b], got[a])) for a, b in pairs]
     long_rows = []
     if long:
         dirs["int9 oracle"] = dequantized_export(export_dir, dirs["int8"], root / f"{name}-int9-oracle", bits=9)
-        long_rows = long_top1(dirs, pairs[:3] + [("int9 oracle", "fp32")])
+        long_rows = long_top1(dirs, pairs[:3] + pairs[4:] + [("int9 oracle", "fp32")])
     print(f"  {name}: built and measured in {time.perf_counter() - start:.0f} s", file=sys.stderr)
     return rows, long_rows
 

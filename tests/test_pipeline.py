@@ -45,17 +45,31 @@ def test_interrupted_build_resumes_at_the_unfinished_stage(tmp_path, monkeypatch
         raise KeyboardInterrupt  # as if the user pressed Ctrl-C during this stage
 
     monkeypatch.setattr(lowering, "lower_dir", fail)
-    interrupted = _run("--precision", "fp32", "--target", "onnxruntime", "--out", str(out))
+    interrupted = _run("--precision", "int8", "--target", "onnxruntime", "--out", str(out))
     assert interrupted.exit_code != 0
     assert (out / "export" / "manifest.json").is_file() and not (out / "onnxruntime").exists()
     monkeypatch.setattr(lowering, "lower_dir", real)
-    resumed = _run("--precision", "fp32", "--target", "onnxruntime", "--out", str(out))
+    resumed = _run("--precision", "int8", "--target", "onnxruntime", "--out", str(out))
     assert resumed.exit_code == 0, resumed.output
     assert "reused: " + str(out / "export") in resumed.output
     assert (out / "onnxruntime" / "manifest.json").is_file()
     # Changing an option invalidates the stages that depend on it, and only those.
-    again = _run("--precision", "fp32", "--target", "onnxruntime", "--out", str(out), "--int8-router")
-    assert "reused: " + str(out / "export") in again.output and "reused: " + str(out / "fp32") not in again.output
+    again = _run("--precision", "int8", "--target", "onnxruntime", "--out", str(out), "--fp16-attention")
+    assert again.exit_code == 0, again.output
+    assert "reused: " + str(out / "export") in again.output
+    assert "done: " + str(out / "int8") in again.output and "done: " + str(out / "onnxruntime") in again.output
+    from mixtral_trt.manifest import read_manifest
+
+    assert read_manifest(out / "int8", "optimize")["optimize"]["int8"]["attention"] is False
+
+
+def test_int8_options_without_int8_are_refused_before_any_stage(tmp_path):
+    for flag in ("--int8-router", "--int8-lm-head", "--fp16-attention"):
+        result = _run("--precision", "fp16", "--target", "onnxruntime", flag, "--out", str(tmp_path / "b"))
+        assert result.exit_code == 1, result.output
+        assert f"{flag} apply to --precision int8 only, not fp16" in result.output
+        assert "Traceback" not in result.output
+    assert not (tmp_path / "b").exists()
 
 
 @pytest.mark.skipif(HAVE_TRT, reason="datacenter TensorRT is installed here")

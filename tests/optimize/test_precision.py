@@ -153,7 +153,15 @@ def test_int8_structure(converted, tiny_export, tmp_path):
     assert dq == linears | {"lm_head.weight"} | {f"model.layers.{i}.block_sparse_moe.gate.weight" for i in range(2)}
     from mixtral_trt.manifest import read_manifest
 
-    assert read_manifest(opts, "optimize")["optimize"]["int8"] == {"lm_head": True, "router": True}
+    assert read_manifest(opts, "optimize")["optimize"]["int8"] == {"lm_head": True, "router": True, "attention": True}
+
+    experts_only = convert(tiny_export, tmp_path / "experts", "int8", int8_attention=False, progress=False)
+    model = _load(experts_only)
+    assert not [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
+    inits = _inits(model)
+    assert all(inits[name].data_type == FP16 for name in linears)
+    assert all(inits[f"model.layers.{i}.block_sparse_moe.experts.w13.int8"].data_type == INT8 for i in range(2))
+    assert read_manifest(experts_only, "optimize")["optimize"]["int8"]["attention"] is False
 
 
 def test_tied_int8_lm_head_keeps_the_embedding_fp16(bf16_export, tmp_path):
@@ -378,7 +386,7 @@ def test_lower_dir_of_a_precision_output(converted, reference, tmp_path):
     out = lower_dir(src, tmp_path / "ort", target="onnxruntime", moe="decomposed")
     opt = read_manifest(out, "optimize")["optimize"]
     assert (opt["target"], opt["precision"], opt["moe"]) == ("onnxruntime", "int8", "decomposed")
-    assert opt["int8"] == {"lm_head": False, "router": False}
+    assert opt["int8"] == {"lm_head": False, "router": False, "attention": True}
     assert (out / "model.onnx.data").stat().st_ino == (src / "model.onnx.data").stat().st_ino
     ids, _ = reference
     _, got = _logits(out, ids)
@@ -441,6 +449,8 @@ def test_refusals(bf16_export, tmp_path):
         convert(bf16_export, tmp_path / "a", "fp8", progress=False)
     with pytest.raises(PrecisionError, match="'int8' only"):
         convert(bf16_export, tmp_path / "a", "fp16", int8_router=True, progress=False)
+    with pytest.raises(PrecisionError, match="'int8' only"):
+        convert(bf16_export, tmp_path / "a", "bf16", int8_attention=False, progress=False)
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep")
     with pytest.raises(FileExistsError, match="refusing"):
