@@ -4,6 +4,10 @@
 Each section runs in its own subprocess (a kernel fault poisons a CUDA context; the other
 sections still report). Prints a PASS/FAIL summary and exits non-zero on any failure.
 
+The sm_90a prefill path (MOE_FLAG_PREFILL_SM90, CUTLASS grouped GEMMs) has its own section and
+benchmark rows ("ours[sm90]"); both are skipped, with the reason printed, unless the device is
+sm_90 and the library holds the path. Its rows are benchmarked only after its section passed.
+
     python scripts/gpu_check.py                 # all sections (MIXTRAL_TRT_KERNELS_LIB or a build)
     python scripts/gpu_check.py --build-only    # build for this GPU's arch, print the library path
     python scripts/gpu_check.py --section NAME  # one section in this process
@@ -24,13 +28,15 @@ import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTIONS = ("decode", "prefill", "int8-decode", "int8-prefill", "special", "mixtral")
+SECTIONS = ("decode", "prefill", "int8-decode", "int8-prefill", "special", "sm90", "mixtral")
 EXTRA_SECTIONS = ("sanitize",)  # a few tiny cases, to run under compute-sanitizer
 TOKENS = (1, 2, 3, 7, 16, 64, 65, 300, 1024, 4096)
 SMALL = dict(H=512, I=1024, E=8)
 MIXTRAL = dict(H=4096, I=14336, E=8)
 ROOFLINE = {"H100 SXM": (3.35e12, 989e12), "H200": (4.8e12, 989e12)}  # bytes/s, dense fp16 FLOP/s
 TOL = {"fp16": 1e-2, "bf16": 1e-2, "int8": 2e-2}
+SM90_ENV = "MIXTRAL_GPU_CHECK_SM90"  # main -> mixtral section: "1" bench the sm90 path, else "0:<why not>"
+SM90_BENCH_TOKENS = (512, 2048, 4096)
 
 
 def import_plugins():
@@ -202,6 +208,83 @@ def section_special(results, kernels, reference):
     print(f"{'ok  ' if ok else 'FAIL'} top_k=3 refused: {note}", flush=True)
 
 
+# --- the sm_90a prefill path (MOE_FLAG_PREFILL_SM90) --------------------------------------------
+
+
+def sm90_unavailable(kernels) -> str | None:
+    """Why the sm90 path cannot run here (None: it can). Asks the library with one tiny enqueue."""
+    import torch
+
+    cap = torch.cuda.get_device_capability()
+    if cap != (9, 0):
+        return f"device {torch.cuda.get_device_name()} is sm_{cap[0]}{cap[1]}, the path needs sm_90"
+    if not hasattr(kernels, "FLAG_PREFILL_SM90"):
+        return "this checkout's kernels.py has no FLAG_PREFILL_SM90"
+    p = make_problem(1, 128, 256, 8, seed=1)
+    try:
+        kernels.moe_top2_torch(**p, flags=kernels.FLAG_PREFILL_SM90 | kernels.FLAG_FORCE_PREFILL)
+        torch.cuda.synchronize()
+    except kernels.KernelError as e:
+        return str(e)
+    return None
+
+
+def section_sm90(results, kernels, reference) -> str | None:
+    """The sm90 path against the reference: T = 1..4096, skewed routing (experts with no tokens),
+    odd dims, the auto path with the flag, determinism, refusals. Returns why it was skipped."""
+    import torch
+
+    why = sm90_unavailable(kernels)
+    if why is not None:
+        print(f"skip sm90 path: {why}", flush=True)
+        return why
+    flag = kernels.FLAG_PREFILL_SM90 | kernels.FLAG_FORCE_PREFILL
+    for wmode in ("fp16", "bf16"):
+        for T in TOKENS:
+            check(f"sm90 {wmode} T={T}", make_problem(T, **SMALL, wmode=wmode, seed=200 + T), flag, wmode, results,
+                  kernels, reference)  # fmt: skip
+        for routing in ("skew", "starve"):  # skew: every token to experts 3 and 5, six experts get none
+            for T in (1, 65, 1024, 4096):
+                p = make_problem(T, **SMALL, wmode=wmode, routing=routing, seed=7)
+                check(f"sm90 {routing} {wmode} T={T}", p, flag, wmode, results, kernels, reference)
+    for T in (7, 300):  # the flag alone: decode below the threshold, the sm90 GEMMs above
+        check(f"sm90 flag, auto path, fp16 T={T}", make_problem(T, **SMALL, seed=210 + T), kernels.FLAG_PREFILL_SM90,
+              "fp16", results, kernels, reference)  # fmt: skip
+    check("sm90 tiny dims H=128 I=256 T=130", make_problem(130, 128, 256, 8, seed=10), flag, "fp16", results, kernels,
+          reference)  # fmt: skip
+    check("sm90 E=4 H=256 I=192 T=77", make_problem(77, 256, 192, 4, seed=11), flag, "fp16", results, kernels,
+          reference)  # fmt: skip
+    check("sm90 fp32 router bf16 T=300", make_problem(300, **SMALL, wmode="bf16", router_fp32=True, seed=9), flag,
+          "bf16", results, kernels, reference)  # fmt: skip
+
+    p = make_problem(1024, **SMALL, seed=12)
+    a, b = (kernels.moe_top2_torch(**p, flags=flag) for _ in range(2))
+    torch.cuda.synchronize()
+    same = torch.equal(a, b)
+    results.append(dict(name="sm90 deterministic fp16 T=1024", ok=same, err=None, note=""))
+    print(f"{'ok  ' if same else 'FAIL'} sm90 deterministic fp16 T=1024", flush=True)
+
+    with_decode = kernels.FLAG_PREFILL_SM90 | kernels.FLAG_FORCE_DECODE
+    for name, wmode, flags, expect in (("int8 weights", "int8", flag, "needs fp16/bf16 weights"),
+                                       ("with force decode", "fp16", with_decode, "cannot be combined")):  # fmt: skip
+        try:
+            kernels.moe_top2_torch(**make_problem(64, **SMALL, wmode=wmode, seed=13), flags=flags)
+            ok, note = False, "accepted"
+        except kernels.KernelError as e:
+            ok, note = expect in str(e), str(e)
+        results.append(dict(name=f"sm90 flag refused: {name}", ok=ok, err=None, note=note))
+        print(f"{'ok  ' if ok else 'FAIL'} sm90 flag refused: {name}: {note}", flush=True)
+    return None
+
+
+def sm90_bench_reason(kernels) -> str | None:
+    """Why the mixtral section leaves out the sm90 rows (None: it benchmarks them)."""
+    verdict = os.environ.get(SM90_ENV)
+    if verdict is None:  # run as a single section by hand
+        return sm90_unavailable(kernels)
+    return None if verdict == "1" else verdict.removeprefix("0:")
+
+
 # --- Mixtral dims: correctness and speed --------------------------------------------------------
 
 
@@ -284,6 +367,13 @@ def section_mixtral(results, kernels, reference, rows_out):
     for wmode, T in (("fp16", 1), ("fp16", 64), ("fp16", 512), ("int8-bf16", 1), ("int8-bf16", 512), ("bf16", 2048)):
         p = dict(problems[wmode], hidden=problems[wmode]["hidden"][:T].contiguous())
         check(f"Mixtral dims {wmode} T={T}", p, 0, wmode, results, kernels, reference)
+    no_sm90 = sm90_bench_reason(kernels)
+    if no_sm90 is not None:
+        print(f"  sm90 rows left out: {no_sm90}", flush=True)
+    else:
+        for wmode, T in (("fp16", 512), ("bf16", 2048)):
+            p = dict(problems[wmode], hidden=problems[wmode]["hidden"][:T].contiguous())
+            check(f"Mixtral dims {wmode} T={T} sm90", p, kernels.FLAG_PREFILL_SM90, wmode, results, kernels, reference)
     w13_t = problems["bf16"]["w13"].transpose(1, 2)
     w2_t = problems["bf16"]["w2"].transpose(1, 2)
     for T in (1, 4, 8, 16, 32, 64, 512, 2048, 4096):
@@ -294,11 +384,16 @@ def section_mixtral(results, kernels, reference, rows_out):
             experts = int(torch.unique(top_e).numel())
             wbytes = experts * 3 * H * I * (1 if "int8" in wmode else 2) + ("int8" in wmode) * experts * (2 * I + H) * 4
             flop = 2 * T * 2 * 3 * H * I
-            ws = torch.empty(kernels.workspace_size(T, H, I, E, 2, kernels.torch_dtype_code(p["hidden"].dtype)),
-                             dtype=torch.uint8, device="cuda")  # fmt: skip
+            sm90_row = no_sm90 is None and T in SM90_BENCH_TOKENS and "int8" not in wmode
+            ws = torch.empty(kernels.workspace_size(T, H, I, E, 2, kernels.torch_dtype_code(p["hidden"].dtype),
+                                                    flags=kernels.FLAG_PREFILL_SM90 if sm90_row else 0),
+                             dtype=torch.uint8, device="cuda")  # fmt: skip  # sm90's size covers both paths
             out = torch.empty_like(p["hidden"])
             reps = 50 if small else 10
             impls = [("ours", lambda p=p, ws=ws, out=out: kernels.moe_top2_torch(**p, out=out, workspace=ws))]
+            if sm90_row:
+                impls.append(("ours[sm90]", lambda p=p, ws=ws, out=out: kernels.moe_top2_torch(
+                    **p, out=out, workspace=ws, flags=kernels.FLAG_PREFILL_SM90)))  # fmt: skip
             replay = graph_call(kernels, p, ws, out) if small and wmode != "bf16" else None
             if replay is not None:
                 impls.append(("ours[cuda graph]", replay))
@@ -339,7 +434,7 @@ def run_section(name: str) -> int:
     torch.backends.cudnn.allow_tf32 = False
     _, kernels, reference = import_plugins()
     kernels.load_library()
-    results, rows = [], []
+    results, rows, skipped = [], [], None
     start = time.monotonic()
     try:
         if name in ("decode", "prefill"):
@@ -348,6 +443,8 @@ def run_section(name: str) -> int:
             section_paths(name.split("-")[1], ("int8", "int8-bf16"), results, kernels, reference)
         elif name == "special":
             section_special(results, kernels, reference)
+        elif name == "sm90":
+            skipped = section_sm90(results, kernels, reference)
         elif name == "mixtral":
             section_mixtral(results, kernels, reference, rows)
         elif name == "sanitize":
@@ -358,7 +455,8 @@ def run_section(name: str) -> int:
     except Exception:  # noqa: BLE001
         traceback.print_exc()
         results.append(dict(name=f"{name}: uncaught error", ok=False, err=None, note=traceback.format_exc(limit=2)))
-    summary = dict(section=name, seconds=round(time.monotonic() - start, 1), results=results, rows=rows)
+    summary = dict(section=name, seconds=round(time.monotonic() - start, 1), results=results, rows=rows,
+                   skipped=skipped)  # fmt: skip
     print("@@SUMMARY " + json.dumps(summary), flush=True)
     return 0
 
@@ -382,6 +480,24 @@ def print_table(rows) -> None:
         vs = f"{r['vs_ours']:.2f}" if r["vs_ours"] else "-"
         print(f"{r['wmode']:9s} {r['T']:5d} {r['impl']:20s} {r['experts']:7d} {r['us']:10.1f} {r['gbs']:7.0f} "
               f"{bw100:5.0f}% {bw200:5.0f}% {r['tflops']:8.1f} {r['tflops'] / 989 * 100:4.0f}% {vs:>7s}")  # fmt: skip
+    print_sm90_summary(rows)
+
+
+def print_sm90_summary(rows) -> None:
+    """The issue's targets for the sm90 path: >= 50% of 989 TFLOP/s at T=2048, faster than PyTorch."""
+    bench = {(r["wmode"], r["T"], r["impl"]): r for r in rows if r["kind"] == "bench"}
+    lines = []
+    for (wmode, T, impl), r in sorted(bench.items()):
+        if impl != "ours[sm90]":
+            continue
+        names = {"ours": "the mma.sync path", "torch loop": "the PyTorch loop", "torch._grouped_mm": "_grouped_mm"}
+        others = [f"{bench[(wmode, T, o)]['us'] / r['us']:.2f}x {name}"
+                  for o, name in names.items() if (wmode, T, o) in bench]  # fmt: skip
+        lines.append(f"  {wmode} T={T}: {r['tflops']:.0f} TFLOP/s = {r['tflops'] / 989 * 100:.0f}% of 989; "
+                     f"speed-up vs {', '.join(others)}")  # fmt: skip
+    if lines:
+        print("\nsm90 path (speed-up > 1: the sm90 path is faster):")
+        print("\n".join(lines))
 
 
 def main() -> int:
@@ -399,11 +515,13 @@ def main() -> int:
         return run_section(args.section)
 
     results, rows, crashed = [], [], []
+    env = dict(os.environ)
+    env.setdefault(SM90_ENV, "0:the sm90 section was skipped (--skip sm90)")
     for name in (s for s in SECTIONS if s not in args.skip):
         print(f"\n=== section {name} ===", flush=True)
         cmd = [sys.executable, str(Path(__file__).resolve()), "--section", name]
         try:
-            run = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, check=False)
+            run = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, check=False, env=env)
             text, code = run.stdout + run.stderr, run.returncode
         except subprocess.TimeoutExpired as e:
             text, code = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or ""), "timeout"
@@ -413,6 +531,10 @@ def main() -> int:
                 summary = json.loads(line[len("@@SUMMARY "):])
             else:
                 print(line)
+        if name == "sm90":  # bench the sm90 rows only after the path passed its checks
+            skipped = summary["skipped"] if summary else None
+            failed = summary is None or skipped or not all(r["ok"] for r in summary["results"])
+            env[SM90_ENV] = f"0:{skipped or 'the sm90 section crashed or failed'}" if failed else "1"
         if summary is None:
             crashed.append(name)
             results.append(dict(name=f"section {name} crashed (exit {code})", ok=False, err=None, note=""))

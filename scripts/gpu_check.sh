@@ -2,6 +2,10 @@
 # Build the MoETop2 kernels for this machine's GPU only (the Python build step, one -gencode),
 # then check them against the PyTorch reference and time them (scripts/gpu_check.py).
 # Needs nvcc and PyTorch with CUDA; MIXTRAL_TRT_KERNELS_LIB=<.so> skips the build.
+# The opt-in sm_90a prefill path (MOE_FLAG_PREFILL_SM90) needs CUTLASS's headers at build time:
+# the nvidia-cutlass package (a 6 MB wheel of headers; `pip install --no-deps nvidia-cutlass==4.2.0.0`
+# is enough) or MIXTRAL_TRT_CUTLASS_INCLUDE=<dir with cutlass/ and cute/>. Without them the library
+# is built without that path and the script says so in its sm90 section.
 # With $OUT set (the device machine), the log and a JSON of the results land there too.
 set -euo pipefail
 cd "$(dirname "$0")/.."

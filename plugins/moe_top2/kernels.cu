@@ -1,17 +1,20 @@
 // mixtral.MoETop2 kernels and their C ABI (see moe_top2.h for the contract and the workspace
 // layout, README.md for the design). No host synchronisation, no allocation: one enqueue is
-// five kernel launches on the caller's stream (router, permute, GEMM1, GEMM2, combine).
+// five kernel launches on the caller's stream (router, permute, GEMM1, GEMM2, combine); the
+// sm_90a prefill path (MOE_FLAG_PREFILL_SM90, prefill_sm90.cu) makes five in place of the two GEMMs.
 #include <cuda_runtime.h>
 
 #include <cstdarg>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
+#include <type_traits>
 
 #include "common.cuh"
 #include "decode.cuh"
 #include "moe_top2.h"
 #include "prefill.cuh"
+#include "prefill_sm90.h"
 
 namespace moe {
 
@@ -123,14 +126,18 @@ __global__ void __launch_bounds__(1024) permute_kernel(const int* ids, int A, in
 }
 
 // out[t] = w0 * y[2t] + w1 * y[2t+1], each product rounded, then one rounded sum: the same
-// value in either order, and the same as the reference's index_add into zeros.
-template <typename T>
-__global__ void combine_kernel(const T* y, const float* wts, T* out, int tokens, int H) {
+// value in either order, and the same as the reference's index_add into zeros. PERMUTED (the
+// sm_90a path, whose GEMM2 cannot scatter rows): y holds permuted rows, assignment a is row
+// row_of[a]; the arithmetic is the same.
+template <typename T, bool PERMUTED>
+__global__ void combine_kernel(const T* y, const int* row_of, const float* wts, T* out, int tokens, int H) {
     const int h8 = H / 8;
     const size_t i = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x;
     if (i >= static_cast<size_t>(tokens) * h8) return;
     const size_t t = i / h8, c = (i % h8) * 8;
-    const uint4 a = ld_cached(y + (2 * t) * H + c), b = ld_cached(y + (2 * t + 1) * H + c);
+    const size_t ra = PERMUTED ? static_cast<size_t>(row_of[2 * t]) : 2 * t;
+    const size_t rb = PERMUTED ? static_cast<size_t>(row_of[2 * t + 1]) : 2 * t + 1;
+    const uint4 a = ld_cached(y + ra * H + c), b = ld_cached(y + rb * H + c);
     const float w0 = wts[2 * t], w1 = wts[2 * t + 1];
     const uint32_t* aw = reinterpret_cast<const uint32_t*>(&a);
     const uint32_t* bw = reinterpret_cast<const uint32_t*>(&b);
@@ -144,6 +151,21 @@ __global__ void combine_kernel(const T* y, const float* wts, T* out, int tokens,
     }
     *reinterpret_cast<uint4*>(out + t * H + c) = o;
 }
+
+#ifdef MIXTRAL_MOE_NO_SM90_PATH
+// Built without CUTLASS's headers (plugins/python/build.py found none): prefill_sm90.cu is not in
+// this library, and its flag is refused with the fix. Every other path is unaffected.
+int sm90_prefill_check(char* msg, size_t size) {
+    snprintf(msg, size,
+             "MOE_FLAG_PREFILL_SM90: this library was built without CUTLASS, so without the sm_90a prefill path; "
+             "pip install nvidia-cutlass==4.2.0.0 (or set MIXTRAL_TRT_CUTLASS_INCLUDE) and rebuild "
+             "(python -m mixtral_trt.plugins.build)");
+    return cudaErrorInvalidValue;
+}
+int sm90_prefill_enqueue(const Sm90PrefillArgs&, cudaStream_t, char* msg, size_t size) {
+    return sm90_prefill_check(msg, size);
+}
+#endif
 
 }  // namespace moe
 
@@ -166,12 +188,15 @@ int fail(const char* fmt, ...) {
 }
 
 struct Layout {
-    size_t ids, wts, offsets, counters, active, perm, tiles, act, y, total;
+    size_t ids, wts, offsets, counters, active, perm, tiles, act, y;
+    size_t row_of, up, sm90_args, sm90_gemm;  // the sm_90a path's (sm90 layouts only), after every path's regions
+    size_t total;
 };
 
 size_t align256(size_t x) { return (x + 255) & ~static_cast<size_t>(255); }
 
-Layout layout(size_t T, size_t H, size_t I, size_t E, size_t act_size) {
+// sm90: append the regions only MOE_FLAG_PREFILL_SM90 uses; the common regions' offsets are the same either way.
+Layout layout(size_t T, size_t H, size_t I, size_t E, size_t act_size, bool sm90) {
     const size_t A = T * kTopK, max_tiles = (A + kBM - 1) / kBM + E;
     Layout L{};
     size_t o = 0;
@@ -184,6 +209,14 @@ Layout layout(size_t T, size_t H, size_t I, size_t E, size_t act_size) {
     L.tiles = o, o = align256(o + 16 * max_tiles);
     L.act = o, o = align256(o + act_size * A * I);
     L.y = o, o = align256(o + act_size * A * H);
+    if (!sm90) {
+        L.total = o;
+        return L;
+    }
+    L.row_of = o, o = align256(o + 4 * A);
+    L.up = o, o = align256(o + act_size * A * I);
+    L.sm90_args = o, o = align256(o + sm90_args_bytes(E));
+    L.sm90_gemm = o, o = align256(o + kSm90GemmWorkspaceBytes);
     L.total = o;
     return L;
 }
@@ -229,10 +262,21 @@ int validate(const MoeTop2Params* p, const void* workspace) {
     if (w8 && p->scale_dtype != MOE_DTYPE_FP16 && p->scale_dtype != MOE_DTYPE_FP32)
         return fail("scale_dtype=%d (%s); int8 weights need fp16 or fp32 scales", p->scale_dtype,
                     dtype_name(p->scale_dtype));
-    if ((p->flags & ~(MOE_FLAG_FORCE_DECODE | MOE_FLAG_FORCE_PREFILL)) ||
-        (p->flags & MOE_FLAG_FORCE_DECODE && p->flags & MOE_FLAG_FORCE_PREFILL))
-        return fail("flags=%d; expected 0, %d (force decode) or %d (force prefill)", p->flags,
-                    MOE_FLAG_FORCE_DECODE, MOE_FLAG_FORCE_PREFILL);
+    const int known = MOE_FLAG_FORCE_DECODE | MOE_FLAG_FORCE_PREFILL | MOE_FLAG_PREFILL_SM90;
+    if ((p->flags & ~known) || (p->flags & MOE_FLAG_FORCE_DECODE && p->flags & MOE_FLAG_FORCE_PREFILL))
+        return fail("flags=%d; expected 0, %d (force decode), %d (force prefill), %d (sm_90a prefill GEMMs) or %d "
+                    "(both)",
+                    p->flags, MOE_FLAG_FORCE_DECODE, MOE_FLAG_FORCE_PREFILL, MOE_FLAG_PREFILL_SM90,
+                    MOE_FLAG_FORCE_PREFILL | MOE_FLAG_PREFILL_SM90);
+    const bool sm90 = p->flags & MOE_FLAG_PREFILL_SM90;
+    if (sm90 && p->flags & MOE_FLAG_FORCE_DECODE)
+        return fail("flags=%d: MOE_FLAG_PREFILL_SM90 (%d) selects prefill GEMMs; it cannot be combined with "
+                    "MOE_FLAG_FORCE_DECODE (%d)",
+                    p->flags, MOE_FLAG_PREFILL_SM90, MOE_FLAG_FORCE_DECODE);
+    if (sm90 && w8)
+        return fail("flags=%d: MOE_FLAG_PREFILL_SM90 needs fp16/bf16 weights; int8 weights run on the default "
+                    "prefill path (leave the flag out)",
+                    p->flags);
     if (p->tokens == 0) return 0;
     if (int rc = check_pointer("workspace", workspace, 256)) return rc;
     if (int rc = check_pointer("hidden", p->hidden, 16)) return rc;
@@ -245,6 +289,7 @@ int validate(const MoeTop2Params* p, const void* workspace) {
         if (int rc = check_pointer("w13_scale", p->w13_scale, s)) return rc;
         if (int rc = check_pointer("w2_scale", p->w2_scale, s)) return rc;
     }
+    if (sm90) return sm90_prefill_check(g_error, sizeof(g_error));  // asks CUDA: the device, this library's images
     return 0;
 }
 
@@ -296,7 +341,7 @@ int prefill_gemms(const GemmArgs& g1, const GemmArgs& g2, int max_tiles, cudaStr
 template <typename T>
 int enqueue(const MoeTop2Params& p, char* ws, cudaStream_t s) {
     const int T_ = p.tokens, H = p.hidden_size, I = p.inter_size, E = p.num_experts, A = T_ * kTopK;
-    const Layout L = layout(T_, H, I, E, sizeof(T));
+    const Layout L = layout(T_, H, I, E, sizeof(T), p.flags & MOE_FLAG_PREFILL_SM90);
     int* ids = reinterpret_cast<int*>(ws + L.ids);
     float* wts = reinterpret_cast<float*>(ws + L.wts);
     int* offsets = reinterpret_cast<int*>(ws + L.offsets);
@@ -325,8 +370,14 @@ int enqueue(const MoeTop2Params& p, char* ws, cudaStream_t s) {
     const bool w8 = p.weight_dtype == MOE_DTYPE_INT8;
     const int decode_max = w8 ? MOE_DECODE_MAX_TOKENS_INT8 : MOE_DECODE_MAX_TOKENS;
     const bool decode = (p.flags & MOE_FLAG_FORCE_DECODE) || (!(p.flags & MOE_FLAG_FORCE_PREFILL) && T_ <= decode_max);
+    const bool sm90 = !decode && (p.flags & MOE_FLAG_PREFILL_SM90);
+    int* row_of = reinterpret_cast<int*>(ws + L.row_of);
     int rc;
-    if (decode) {
+    if (sm90) {
+        const Sm90PrefillArgs a{T_, H, I, E, std::is_same_v<T, __nv_bfloat16>, p.hidden, p.w13, p.w2, offsets, perm,
+                                y, act, ws + L.up, row_of, ws + L.sm90_args, ws + L.sm90_gemm};
+        rc = sm90_prefill_enqueue(a, s, g_error, sizeof(g_error));
+    } else if (decode) {
         const int groups = (min(T_, 64) + 7) / 8;  // most tokens one expert can get, 64 per pass
         const int nt = groups <= 1 ? 1 : groups <= 2 ? 2 : groups <= 4 ? 4 : 8;
         const int slots = min(E, A);  // active experts
@@ -337,7 +388,11 @@ int enqueue(const MoeTop2Params& p, char* ws, cudaStream_t s) {
     }
     if (rc) return rc;
     const size_t n8 = static_cast<size_t>(T_) * (H / 8);
-    combine_kernel<T><<<static_cast<unsigned>((n8 + 255) / 256), 256, 0, s>>>(y, wts, static_cast<T*>(p.out), T_, H);
+    const unsigned cblocks = static_cast<unsigned>((n8 + 255) / 256);
+    if (sm90)
+        combine_kernel<T, true><<<cblocks, 256, 0, s>>>(y, row_of, wts, static_cast<T*>(p.out), T_, H);
+    else
+        combine_kernel<T, false><<<cblocks, 256, 0, s>>>(y, nullptr, wts, static_cast<T*>(p.out), T_, H);
     MOE_LAUNCH_CHECK();
     return 0;
 }
@@ -347,9 +402,14 @@ int enqueue(const MoeTop2Params& p, char* ws, cudaStream_t s) {
 extern "C" {
 
 size_t mixtral_moe_top2_workspace_size(int tokens, int hidden, int inter, int experts, int top_k, int act_dtype) {
+    return mixtral_moe_top2_workspace_size_flags(tokens, hidden, inter, experts, top_k, act_dtype, 0);
+}
+
+size_t mixtral_moe_top2_workspace_size_flags(int tokens, int hidden, int inter, int experts, int top_k,
+                                             int act_dtype, int flags) {
     if (check_shapes(tokens, hidden, inter, experts, top_k, act_dtype)) return 0;
     g_error[0] = '\0';
-    return layout(tokens, hidden, inter, experts, 2).total;
+    return layout(tokens, hidden, inter, experts, 2, flags & MOE_FLAG_PREFILL_SM90).total;
 }
 
 int mixtral_moe_top2_enqueue(const MoeTop2Params* p, void* workspace, cudaStream_t stream) {

@@ -36,6 +36,11 @@ extern "C" {
 /* flags: force one GEMM path (tests, benchmarks); 0 picks by token count. */
 #define MOE_FLAG_FORCE_DECODE 1
 #define MOE_FLAG_FORCE_PREFILL 2
+/* The prefill path (chosen by T, or forced with MOE_FLAG_FORCE_PREFILL) runs CUTLASS grouped GEMMs
+ * (TMA + wgmma) instead of the mma.sync kernels. Needs an sm_90 device, a library built with
+ * sm_90a, and fp16/bf16 weights; refused otherwise, and together with MOE_FLAG_FORCE_DECODE.
+ * Opt-in: compiled, not yet validated on a GPU. */
+#define MOE_FLAG_PREFILL_SM90 4
 
 /* Tokens up to which the memory-bound decode path is chosen automatically (measured crossover
  * with the tensor-core path on an H200 at Mixtral dims: between 32 and 64 tokens for fp16/bf16
@@ -64,9 +69,10 @@ typedef struct MoeTop2Params {
     void* out;             /* [T, H] */
 } MoeTop2Params;
 
-/* Bytes of device workspace one enqueue needs: a pure function of the shapes (and of the
- * activation dtype's size). Layout, each region starting at a multiple of 256 bytes, A = T*K,
- * MT = ceil(A / 128) + E (most prefill row tiles):
+/* Bytes of device workspace one enqueue with flags 0, MOE_FLAG_FORCE_DECODE or
+ * MOE_FLAG_FORCE_PREFILL needs: a pure function of the shapes (and of the activation dtype's size).
+ * Layout, each region starting at a multiple of
+ * 256 bytes, A = T*K, MT = ceil(A / 128) + E (most prefill row tiles):
  *   topk_ids     int32 [A]       expert of assignment a = t*K + k
  *   topk_w       fp32  [A]       renormalised routing weight of a
  *   offsets      int32 [E + 1]   first permuted row of each expert; offsets[E] = A
@@ -75,9 +81,23 @@ typedef struct MoeTop2Params {
  *   perm         int32 [A]       assignment a held by permuted row r (stable within an expert)
  *   tiles        int4  [MT]      prefill row tiles {expert, first row, end row, 0}
  *   act          act   [A, I]    silu(gate) * up, permuted rows
- *   y            act   [A, H]    expert outputs, assignment order (row a = t*K + k)
+ *   y            act   [A, H]    expert outputs, assignment order (row a = t*K + k); on the sm_90a
+ *                                path first the gathered rows hidden[perm[r] / K], then the expert
+ *                                outputs in permuted order
+ * then, in mixtral_moe_top2_workspace_size_flags with MOE_FLAG_PREFILL_SM90 only, the regions the
+ * sm_90a prefill path uses:
+ *   row_of       int32 [A]       permuted row of assignment a (combine reads y through it)
+ *   up           act   [A, I]    x @ w3[e]^T, permuted rows (act holds the gate, then the product)
+ *   sm90_args    64 * (3E + 4) bytes: the grouped GEMMs' problem shapes, pointers, strides
+ *   sm90_gemm    131072 bytes    CUTLASS workspace (TMA descriptors, up to 256 SMs)
  * Returns 0 when the shapes are invalid (see mixtral_moe_top2_last_error). */
 size_t mixtral_moe_top2_workspace_size(int tokens, int hidden, int inter, int experts, int top_k, int act_dtype);
+
+/* The same for an enqueue with these flags: a pure function of the shapes and the flags. Only
+ * MOE_FLAG_PREFILL_SM90 changes it (the regions above, ~1.8x at Mixtral dims); an enqueue with that
+ * flag needs a workspace of at least this size. */
+size_t mixtral_moe_top2_workspace_size_flags(int tokens, int hidden, int inter, int experts, int top_k,
+                                             int act_dtype, int flags);
 
 /* Validates p, then enqueues the whole op on stream. Returns 0 (cudaSuccess) or a cudaError_t
  * code: cudaErrorInvalidValue (1) for invalid parameters, with a message in

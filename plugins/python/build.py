@@ -2,10 +2,17 @@
 
 The library is cached under ``$MIXTRAL_TRT_CACHE/plugins/<key>/`` (else
 ``$XDG_CACHE_HOME/mixtral-trt/plugins`` or ``~/.cache/mixtral-trt/plugins``), where ``<key>`` is the
-sha256 of the sources, the architectures, the flags and nvcc's version: a changed source or
-toolchain builds anew, anything else reuses the cached file. The directory appears whole or not
-at all. cudart is linked statically, so loading the library needs no CUDA runtime installed
+sha256 of the sources, the architectures, the flags, nvcc's and CUTLASS's versions: a changed
+source or toolchain builds anew, anything else reuses the cached file. The directory appears whole
+or not at all. cudart is linked statically, so loading the library needs no CUDA runtime installed
 (only a driver, at the first launch).
+
+Two translation units, compiled concurrently: ``kernels.cu`` for every architecture, and
+``prefill_sm90.cu`` (CUTLASS grouped GEMMs, headers from the ``nvidia-cutlass`` package or
+``$MIXTRAL_TRT_CUTLASS_INCLUDE``) for sm_90a only when 90a is among them, since its GEMMs exist only
+there and CUTLASS costs a minute of compilation per architecture; for the others the file still
+compiles (to stubs). Without CUTLASS headers the library is built without that opt-in path
+(``MOE_FLAG_PREFILL_SM90`` is then refused with the fix); every default path is there either way.
 
     python -m mixtral_trt.plugins.build [--arch 90a ...] [--out-dir DIR]
 """
@@ -14,21 +21,32 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NoReturn
 
 LIBRARY_NAME = "libmixtral_moe_top2.so"
 DEFAULT_ARCHS = ("80", "89", "90a", "120")
 SOURCE_DIR = Path(__file__).resolve().parent.parent / "moe_top2"
 MAIN_SOURCE = "kernels.cu"
-SOURCE_NAMES = ("kernels.cu", "common.cuh", "decode.cuh", "prefill.cuh", "moe_top2.h")  # what kernels.cu includes
-FLAGS = ("-O3", "-std=c++17", "-Xcompiler", "-fPIC", "--shared", "-cudart", "static")
+SM90_SOURCE = "prefill_sm90.cu"
+SOURCE_NAMES = ("kernels.cu", "common.cuh", "decode.cuh", "prefill.cuh", "moe_top2.h", "prefill_sm90.cu",
+                "prefill_sm90.h")  # the two translation units and what they include  # fmt: skip
+FLAGS = ("-O3", "-std=c++17", "-Xcompiler", "-fPIC")
+# CUTLASS calls constexpr host functions from device code; NDEBUG drops its device-side asserts.
+SM90_FLAGS = ("--expt-relaxed-constexpr", "-DNDEBUG")
+LINK_FLAGS = ("--shared", "-cudart", "static", "--no-device-link")  # no rdc: a device link would add an sm_75 stub
+SM90_ARCH = "90a"
+CUTLASS_PIP = "pip install nvidia-cutlass==4.2.0.0"
+NO_SM90_DEFINE = "-DMIXTRAL_MOE_NO_SM90_PATH"  # kernels.cu then defines the path's entry points as refusals
 
 
 class BuildError(RuntimeError):
@@ -59,6 +77,46 @@ def normalize_arch(arch: str) -> str:
     return a
 
 
+def cutlass_include() -> Path:
+    """CUTLASS's include directory (``cute/``, ``cutlass/``): ``$MIXTRAL_TRT_CUTLASS_INCLUDE``, else the
+    installed ``nvidia-cutlass`` package's, found without importing its Python module (which pulls
+    in scipy and cuda-python). Raises BuildError naming the fix when there is none."""
+    override = os.environ.get("MIXTRAL_TRT_CUTLASS_INCLUDE")
+    if override:
+        include = Path(override)
+        if not (include / "cutlass" / "cutlass.h").is_file():
+            raise BuildError(f"MIXTRAL_TRT_CUTLASS_INCLUDE={override} has no cutlass/cutlass.h; point it at a CUTLASS "
+                             f"include directory, or unset it and {CUTLASS_PIP}")  # fmt: skip
+        return include
+    spec = importlib.util.find_spec("cutlass_library")
+    if spec is None or not spec.submodule_search_locations:
+        raise BuildError(f"CUTLASS headers not found (no cutlass_library package); the sm_90a prefill path compiles "
+                         f"against them: {CUTLASS_PIP}")  # fmt: skip
+    include = Path(next(iter(spec.submodule_search_locations))) / "source" / "include"
+    if not (include / "cutlass" / "cutlass.h").is_file():
+        raise BuildError(f"{include} has no cutlass/cutlass.h (a damaged nvidia-cutlass install?); {CUTLASS_PIP}")
+    return include
+
+
+def find_cutlass() -> Path | None:
+    """cutlass_include(), or None when no CUTLASS is installed at all (the library is then built
+    without the sm_90a path). A set but wrong $MIXTRAL_TRT_CUTLASS_INCLUDE still raises."""
+    try:
+        return cutlass_include()
+    except BuildError:
+        if os.environ.get("MIXTRAL_TRT_CUTLASS_INCLUDE"):
+            raise
+        return None
+
+
+def cutlass_version(include: Path | None) -> str | None:
+    if include is None:
+        return None
+    text = (include / "cutlass" / "version.h").read_text()
+    parts = [re.search(rf"#define CUTLASS_{name}\s+(\d+)", text) for name in ("MAJOR", "MINOR", "PATCH")]
+    return ".".join(m.group(1) if m else "?" for m in parts)
+
+
 def gencode_flags(archs) -> list[str]:
     return [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
 
@@ -80,13 +138,67 @@ def build_key(archs, nvcc_ver: str) -> str:
     h = hashlib.sha256()
     for p in sources():
         h.update(p.name.encode() + b"\0" + p.read_bytes() + b"\0")
-    h.update(json.dumps({"archs": list(archs), "flags": FLAGS, "nvcc": nvcc_ver}).encode())
+    flags = {"flags": FLAGS, "sm90": SM90_FLAGS, "link": LINK_FLAGS}
+    h.update(json.dumps({"archs": list(archs), **flags, "nvcc": nvcc_ver,
+                         "cutlass": cutlass_version(find_cutlass())}).encode())  # fmt: skip
     return h.hexdigest()[:24]
 
 
-def nvcc_command(nvcc: str, archs, output: Path) -> list[str]:
+def sm90_archs(archs) -> tuple:
+    """Architectures prefill_sm90.cu is compiled for: only sm_90a holds its GEMMs."""
+    return (SM90_ARCH,) if SM90_ARCH in archs else tuple(archs)
+
+
+def nvcc_commands(nvcc: str, archs, objects: Path, output: Path, cutlass: Path | None = None) -> list[list[str]]:
+    """Compile kernels.cu and prefill_sm90.cu to objects in ``objects`` (run concurrently), then link.
+
+    ``cutlass``: CUTLASS's include directory; None builds kernels.cu alone, without the sm_90a path.
+    """
     threads = max(1, min(len(archs), os.cpu_count() or 1))
-    return [nvcc, *FLAGS, *gencode_flags(archs), f"--threads={threads}", "-o", str(output), str(SOURCE_DIR / MAIN_SOURCE)]
+    kernels_o, sm90_o = objects / "kernels.o", objects / "prefill_sm90.o"
+    if cutlass is None:
+        return [
+            [nvcc, *FLAGS, NO_SM90_DEFINE, *gencode_flags(archs), f"--threads={threads}", "-c", "-o", str(kernels_o),
+             str(SOURCE_DIR / MAIN_SOURCE)],
+            [nvcc, *LINK_FLAGS, "-o", str(output), str(kernels_o)],
+        ]  # fmt: skip
+    sm90 = sm90_archs(archs)
+    return [
+        [nvcc, *FLAGS, *gencode_flags(archs), f"--threads={threads}", "-c", "-o", str(kernels_o),
+         str(SOURCE_DIR / MAIN_SOURCE)],
+        [nvcc, *FLAGS, *SM90_FLAGS, f"-I{cutlass}", *gencode_flags(sm90),
+         f"--threads={max(1, min(len(sm90), os.cpu_count() or 1))}", "-c", "-o", str(sm90_o),
+         str(SOURCE_DIR / SM90_SOURCE)],
+        [nvcc, *LINK_FLAGS, "-o", str(output), str(kernels_o), str(sm90_o)],
+    ]  # fmt: skip
+
+
+def _run_nvcc(commands: list[list[str]]) -> None:
+    """The compiles side by side (two cores halve the wall time), then the link; the first failure raises."""
+    *compiles, link = commands
+    with tempfile.TemporaryFile("w+") as log0, tempfile.TemporaryFile("w+") as log1:
+        logs, procs = [log0, log1][: len(compiles)], []
+        try:
+            for cmd, log in zip(compiles, logs):
+                procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True))
+            codes = [p.wait() for p in procs]
+        finally:  # interrupted: stop the other compile too
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+        for cmd, log, code in zip(compiles, logs, codes):
+            if code != 0:
+                log.seek(0)
+                _failed(cmd, code, log.read())
+    run = subprocess.run(link, capture_output=True, text=True, check=False)
+    if run.returncode != 0:
+        _failed(link, run.returncode, run.stderr + run.stdout)
+
+
+def _failed(cmd: list[str], code: int, output: str) -> NoReturn:
+    tail = "\n".join(output.strip().splitlines()[-40:])
+    raise BuildError(f"nvcc failed (exit {code}) building {LIBRARY_NAME}:\n  {' '.join(cmd)}\n{tail}")
 
 
 def build_library(out_dir=None, archs=DEFAULT_ARCHS, nvcc: str = "nvcc", verbose: bool = True) -> Path:
@@ -108,16 +220,19 @@ def build_library(out_dir=None, archs=DEFAULT_ARCHS, nvcc: str = "nvcc", verbose
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
     try:
-        cmd = nvcc_command(shutil.which(nvcc), archs, tmp / LIBRARY_NAME)
         if verbose:
             print(f"building {LIBRARY_NAME} for sm_{', sm_'.join(archs)} with {ver} ...", file=sys.stderr, flush=True)
         start = time.monotonic()
-        run = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        cutlass = find_cutlass()
+        if cutlass is None and verbose:
+            print(f"no CUTLASS headers: building without the opt-in sm_90a prefill path ({CUTLASS_PIP} adds it)",
+                  file=sys.stderr, flush=True)  # fmt: skip
+        with tempfile.TemporaryDirectory(prefix="mixtral-trt-objects-") as objects:
+            commands = nvcc_commands(shutil.which(nvcc), archs, Path(objects), tmp / LIBRARY_NAME, cutlass)
+            _run_nvcc(commands)
         seconds = round(time.monotonic() - start, 1)
-        if run.returncode != 0:
-            tail = "\n".join((run.stderr + run.stdout).strip().splitlines()[-40:])
-            raise BuildError(f"nvcc failed (exit {run.returncode}) building {LIBRARY_NAME}:\n  {' '.join(cmd)}\n{tail}")
-        record = {"key": key, "archs": list(archs), "nvcc": ver, "command": cmd, "seconds": seconds,
+        record = {"key": key, "archs": list(archs), "sm90_archs": list(sm90_archs(archs)), "nvcc": ver,
+                  "cutlass": cutlass_version(cutlass), "commands": commands, "seconds": seconds,
                   "sources": [p.name for p in sources()]}  # fmt: skip
         (tmp / "build.json").write_text(json.dumps(record, indent=2) + "\n")
         os.chmod(tmp, 0o755)

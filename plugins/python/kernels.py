@@ -25,6 +25,7 @@ DTYPE_NAMES = {DTYPE_FP32: "fp32", DTYPE_FP16: "fp16", DTYPE_INT8: "int8", DTYPE
 
 FLAG_FORCE_DECODE = 1
 FLAG_FORCE_PREFILL = 2
+FLAG_PREFILL_SM90 = 4  # prefill GEMMs on CUTLASS/wgmma (sm_90 + a 90a build; not yet validated on a GPU)
 DECODE_MAX_TOKENS = 32  # auto path: memory-bound decode up to here (fp16/bf16 weights), tensor cores above
 DECODE_MAX_TOKENS_INT8 = 64  # the same for int8 weights
 
@@ -100,6 +101,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     c_int = ctypes.c_int
     lib.mixtral_moe_top2_workspace_size.argtypes = [c_int] * 6
     lib.mixtral_moe_top2_workspace_size.restype = ctypes.c_size_t
+    lib.mixtral_moe_top2_workspace_size_flags.argtypes = [c_int] * 7
+    lib.mixtral_moe_top2_workspace_size_flags.restype = ctypes.c_size_t
     lib.mixtral_moe_top2_enqueue.argtypes = [ctypes.POINTER(MoeTop2Params), ctypes.c_void_p, ctypes.c_void_p]
     lib.mixtral_moe_top2_enqueue.restype = c_int
     lib.mixtral_moe_top2_last_error.argtypes = []
@@ -113,10 +116,11 @@ def _last_error(lib) -> str:
 
 
 def workspace_size(tokens: int, hidden: int, inter: int, experts: int, top_k: int = 2,
-                   act_dtype: int = DTYPE_FP16, lib=None) -> int:  # fmt: skip
-    """Bytes of device workspace for one enqueue (a pure function of the shapes)."""
+                   act_dtype: int = DTYPE_FP16, lib=None, flags: int = 0) -> int:  # fmt: skip
+    """Bytes of device workspace for one enqueue with ``flags`` (a pure function of the shapes and
+    the flags; only FLAG_PREFILL_SM90 changes it)."""
     lib = lib or load_library()
-    n = lib.mixtral_moe_top2_workspace_size(tokens, hidden, inter, experts, top_k, act_dtype)
+    n = lib.mixtral_moe_top2_workspace_size_flags(tokens, hidden, inter, experts, top_k, act_dtype, flags)
     if n == 0:
         raise KernelError(f"MoETop2 workspace_size: {_last_error(lib)}", 1)
     return int(n)
@@ -191,7 +195,7 @@ def moe_top2_torch(hidden, router, w13, w2, w13_scale=None, w2_scale=None, *, fl
     if out is None:
         out = torch.empty_like(hidden)
     _expect(out, "out", (T, H))
-    need = workspace_size(T, H, I, E, 2, act, lib=lib)
+    need = workspace_size(T, H, I, E, 2, act, lib=lib, flags=flags)
     if workspace is None:
         workspace = torch.empty(need, dtype=torch.uint8, device=hidden.device)
     elif workspace.numel() * workspace.element_size() < need:

@@ -1,11 +1,12 @@
 """The MoETop2 CUDA kernels: build (all four architectures), C ABI through ctypes, references.
 
-CPU (CI): nvcc builds ``libmixtral_moe_top2.so`` for sm_80, sm_89, sm_90a and sm_120 (about a
-minute of CPU on two cores); the library loads without a GPU (cudart is static), its workspace
-size is a pure function of the shapes matching an independent formula, and it refuses bad
-arguments with a message before touching CUDA. The PyTorch reference is checked against the
-exported op's eager kernel, and the int8 quantiser on its own. ``gpu``: the kernels against the
-reference (scripts/gpu_check.py does the full sweep and the timings).
+CPU (CI): nvcc builds ``libmixtral_moe_top2.so`` for sm_80, sm_89, sm_90a and sm_120, with the
+CUTLASS grouped GEMMs of prefill_sm90.cu for sm_90a (about 1.5 minutes on two cores); the library
+loads without a GPU (cudart is static), its workspace size is a pure function of the shapes
+matching an independent formula, and it refuses bad arguments with a message before touching CUDA.
+The PyTorch reference is checked against the exported op's eager kernel, and the int8 quantiser on
+its own. ``slow``: prefill_sm90.cu compiles for every architecture of the build. ``gpu``: the
+kernels against the reference (scripts/gpu_check.py does the full sweep and the timings).
 """
 
 from __future__ import annotations
@@ -93,6 +94,91 @@ def test_build_is_cached_by_source_hash(library, tmp_path):
     assert not list(library.parent.parent.glob(".*partial*"))  # no half-written builds left behind
 
 
+def test_library_holds_the_cutlass_grouped_gemms_for_sm90a(library):
+    """prefill_sm90.cu was compiled (for sm_90a only) and linked in: its kernel launch stubs are there."""
+    import json
+
+    record = json.loads((library.parent / "build.json").read_text())
+    assert record["sm90_archs"] == ["90a"] and record["cutlass"].startswith("4.")
+    assert "-gencode=arch=compute_90a,code=sm_90a" in record["commands"][1]
+    nm = shutil.which("nm")
+    if nm is None:
+        pytest.skip("nm not found")
+    symbols = subprocess.run([nm, "-C", "--defined-only", str(library)], capture_output=True, text=True, check=True)
+    # the launch stubs of cutlass::device_kernel<GemmUniversal<GroupProblemShape<...>, ...>> (mangled by nvcc)
+    stub = "__device_stub__ZN7cutlass13device_kernelINS_4gemm6kernel13GemmUniversalINS1_17GroupProblemShape"
+    assert stub in symbols.stdout
+    assert "moe::sm90_prefill_enqueue(" in symbols.stdout and "moe::sm90_prefill_check(" in symbols.stdout
+
+
+def test_build_compiles_prefill_sm90_with_cutlass(tmp_path):
+    include = build.cutlass_include()
+    assert (include / "cute" / "tensor.hpp").is_file()
+    assert {"prefill_sm90.cu", "prefill_sm90.h"} <= set(build.SOURCE_NAMES)
+    kernels_cc, sm90_cc, link = build.nvcc_commands("nvcc", ("80", "90a"), tmp_path, tmp_path / "lib.so", include)
+    assert kernels_cc[-1].endswith("kernels.cu") and sm90_cc[-1].endswith("prefill_sm90.cu")
+    assert f"-I{include}" in sm90_cc and "--expt-relaxed-constexpr" in sm90_cc and "-DNDEBUG" in sm90_cc
+    assert [f for f in sm90_cc if f.startswith("-gencode")] == ["-gencode=arch=compute_90a,code=sm_90a"]
+    assert [f for f in kernels_cc if f.startswith("-gencode")] == build.gencode_flags(("80", "90a"))
+    assert link[-2:] == [str(tmp_path / "kernels.o"), str(tmp_path / "prefill_sm90.o")] and "--shared" in link
+    # Without sm_90a the file still compiles (its GEMMs as stubs), for the archs asked for.
+    _, sm90_cc, _ = build.nvcc_commands("nvcc", ("80", "89"), tmp_path, tmp_path / "lib.so", include)
+    assert [f for f in sm90_cc if f.startswith("-gencode")] == build.gencode_flags(("80", "89"))
+
+
+def test_build_names_the_package_when_cutlass_is_missing(monkeypatch, tmp_path):
+    monkeypatch.delenv("MIXTRAL_TRT_CUTLASS_INCLUDE", raising=False)
+    monkeypatch.setattr(build.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(build.BuildError, match=r"pip install nvidia-cutlass==4\.2"):
+        build.cutlass_include()
+    assert build.find_cutlass() is None  # the library is then built without the sm_90a path
+    compile_, link = build.nvcc_commands("nvcc", ("80", "90a"), tmp_path, tmp_path / "lib.so", None)
+    assert compile_[-1].endswith("kernels.cu") and build.NO_SM90_DEFINE in compile_
+    assert link[-1] == str(tmp_path / "kernels.o")
+    # A wrong override is an error, not a silent build without the path.
+    monkeypatch.setenv("MIXTRAL_TRT_CUTLASS_INCLUDE", str(tmp_path))
+    with pytest.raises(build.BuildError, match="MIXTRAL_TRT_CUTLASS_INCLUDE=.* has no cutlass/cutlass.h"):
+        build.find_cutlass()
+
+
+def test_cutlass_include_override(monkeypatch):
+    include = build.cutlass_include()
+    monkeypatch.setenv("MIXTRAL_TRT_CUTLASS_INCLUDE", str(include))
+    monkeypatch.setattr(build.importlib.util, "find_spec", lambda name: None)
+    assert build.cutlass_include() == include
+
+
+def test_library_without_cutlass_refuses_the_sm90_flag_with_the_fix(monkeypatch, tmp_path):
+    """No CUTLASS installed: the library still builds, every default path is in it, and only the
+    opt-in flag is refused, naming the package (built for sm_80 alone to keep this short)."""
+    if shutil.which("nvcc") is None:
+        pytest.skip("nvcc not found: the kernels cannot be compiled here")
+    monkeypatch.delenv("MIXTRAL_TRT_CUTLASS_INCLUDE", raising=False)
+    monkeypatch.setattr(build.importlib.util, "find_spec", lambda name: None)
+    library = build.build_library(tmp_path / "lib", archs=("80",), verbose=False)
+    record = __import__("json").loads((library.parent / "build.json").read_text())
+    assert record["cutlass"] is None and len(record["commands"]) == 2
+    lib = kernels.load_library(library)
+    assert kernels.workspace_size(7, 64, 64, 4, lib=lib) == workspace_formula(7, 64, 64, 4)
+    with pytest.raises(kernels.KernelError, match=r"built without CUTLASS.*pip install nvidia-cutlass") as err:
+        _enqueue(lib, flags=kernels.FLAG_PREFILL_SM90 | kernels.FLAG_FORCE_PREFILL)
+    assert err.value.status == 1
+
+
+@pytest.mark.slow
+def test_prefill_sm90_compiles_for_every_architecture(tmp_path):
+    """The guards hold: the file compiles for sm_80/89/120 (stubs) and sm_90a (the GEMMs), with no
+    warning from our code (about 2 minutes of CPU; the default build compiles it for sm_90a only)."""
+    if shutil.which("nvcc") is None:
+        pytest.skip("nvcc not found")
+    cmd = ["nvcc", *build.FLAGS, *build.SM90_FLAGS, f"-I{build.cutlass_include()}",
+           *build.gencode_flags(build.DEFAULT_ARCHS), "--threads=2", "-c", "-o", str(tmp_path / "p.o"),
+           str(build.SOURCE_DIR / build.SM90_SOURCE)]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=1200)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "prefill_sm90" not in done.stderr, done.stderr[-4000:]  # warnings in our files
+
+
 def test_build_entry_point_prints_the_cached_library(library):
     done = subprocess.run([sys.executable, "-m", "mixtral_trt.plugins.build"], capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr
@@ -120,15 +206,18 @@ def test_gencode_has_one_flag_per_arch():
 # --- C ABI through ctypes ---------------------------------------------------------------------
 
 
-def workspace_formula(T: int, H: int, I: int, E: int) -> int:
-    """moe_top2.h's layout, written out again: nine regions, each rounded up to 256 bytes."""
+def workspace_formula(T: int, H: int, I: int, E: int, sm90: bool = False) -> int:
+    """moe_top2.h's layout, written out again: nine regions every path uses, then (with sm90) four
+    of the sm_90a prefill path (row_of, up, sm90_args, sm90_gemm), each rounded up to 256 bytes."""
 
     def up(n):
         return (n + 255) // 256 * 256
 
     A = 2 * T
     tiles = (A + 127) // 128 + E
-    return sum(up(n) for n in (4 * A, 4 * A, 4 * (E + 1), 16, 4 * E, 4 * A, 16 * tiles, 2 * A * I, 2 * A * H))
+    shared = (4 * A, 4 * A, 4 * (E + 1), 16, 4 * E, 4 * A, 16 * tiles, 2 * A * I, 2 * A * H)
+    sm90_only = (4 * A, 2 * A * I, 64 * (3 * E + 4), 131072) if sm90 else ()
+    return sum(up(n) for n in shared + sm90_only)
 
 
 def test_version(lib):
@@ -141,6 +230,35 @@ def test_workspace_size_is_the_layout_formula(lib, T, H, I, E):
     for act in (kernels.DTYPE_FP16, kernels.DTYPE_BF16):
         first = kernels.workspace_size(T, H, I, E, 2, act, lib=lib)
         assert first == kernels.workspace_size(T, H, I, E, 2, act, lib=lib) == workspace_formula(T, H, I, E)
+        assert lib.mixtral_moe_top2_workspace_size(T, H, I, E, 2, act) == first  # the flag-free entry point
+        for flags in (kernels.FLAG_FORCE_DECODE, kernels.FLAG_FORCE_PREFILL):
+            assert kernels.workspace_size(T, H, I, E, 2, act, lib=lib, flags=flags) == first
+        sm90 = kernels.workspace_size(T, H, I, E, 2, act, lib=lib, flags=kernels.FLAG_PREFILL_SM90)
+        assert sm90 == workspace_formula(T, H, I, E, sm90=True)
+
+
+def test_only_the_sm90_flag_grows_the_workspace(lib):
+    """The sm_90a path's regions come after every path's, so the others' offsets are unchanged,
+    and only a caller passing MOE_FLAG_PREFILL_SM90 reserves them: at Mixtral dims and T=4096
+    they add ``up`` (235 MB) to the 302 MB every path needs."""
+    T, H, I, E = 4096, 4096, 14336, 8
+    plain = kernels.workspace_size(T, H, I, E, 2, kernels.DTYPE_BF16, lib=lib)
+    grown = kernels.workspace_size(T, H, I, E, 2, kernels.DTYPE_BF16, lib=lib, flags=kernels.FLAG_PREFILL_SM90) - plain
+    assert grown == 4 * 2 * T + 2 * 2 * T * I + 64 * (3 * E + 4) + 131072
+    assert round(plain / 1e6) == 302 and round(grown / 1e6) == 235
+
+
+def test_sm90_workspace_constants_are_documented():
+    """prefill_sm90.h's reservations are the numbers moe_top2.h documents (and the formula above uses)."""
+    import re
+
+    code = (build.SOURCE_DIR / "prefill_sm90.h").read_text()
+    per_group = int(re.search(r"kSm90ArgBytesPerGroup = (\d+);", code).group(1))
+    max_sms = int(re.search(r"kSm90MaxSms = (\d+);", code).group(1))
+    assert re.search(r"4 \* 128 \* static_cast<size_t>\(kSm90MaxSms\)", code)
+    assert "kSm90ArgBytesPerGroup * (3 * experts + 4)" in code
+    assert f"sm90_args    {per_group} * (3E + 4) bytes" in _header()
+    assert f"sm90_gemm    {4 * 128 * max_sms} bytes" in _header()
 
 
 @pytest.mark.parametrize(
@@ -181,6 +299,10 @@ def _enqueue(lib, **overrides):
         (dict(weight_dtype=kernels.DTYPE_INT8, scale_dtype=kernels.DTYPE_INT8), "scale_dtype=2"),
         (dict(weight_dtype=kernels.DTYPE_INT8, scale_dtype=kernels.DTYPE_FP16), "w13_scale is null"),
         (dict(flags=3), "flags=3"),
+        (dict(flags=8), "flags=8"),
+        (dict(flags=kernels.FLAG_PREFILL_SM90 | kernels.FLAG_FORCE_DECODE), "cannot be combined with MOE_FLAG_FORCE"),
+        (dict(flags=kernels.FLAG_PREFILL_SM90, weight_dtype=kernels.DTYPE_INT8, w13_scale=1 << 20, w2_scale=1 << 20),
+         "MOE_FLAG_PREFILL_SM90 needs fp16/bf16 weights"),
         (dict(act_dtype=kernels.DTYPE_INT8), "act_dtype=2"),
     ],
 )
@@ -192,6 +314,14 @@ def test_enqueue_refuses_bad_arguments_before_touching_cuda(lib, overrides, mess
 
 def test_enqueue_of_nothing_is_a_no_op(lib):
     _enqueue(lib, tokens=0, hidden=None, workspace=None)
+    _enqueue(lib, tokens=0, hidden=None, workspace=None, flags=kernels.FLAG_PREFILL_SM90)  # no device needed
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU answers the device query")
+def test_sm90_flag_without_a_gpu_is_refused(lib):
+    with pytest.raises(kernels.KernelError, match=r"MOE_FLAG_PREFILL_SM90 needs an sm_90 \(Hopper\) GPU") as err:
+        _enqueue(lib, flags=kernels.FLAG_PREFILL_SM90 | kernels.FLAG_FORCE_PREFILL)
+    assert err.value.status == 1
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the fake pointers would be dereferenced")
@@ -299,6 +429,25 @@ def test_kernels_match_the_reference_on_gpu(lib, T, mode, flags):
     assert reference.relative_error(out, ref, rows) <= (2e-2 if mode == "int8" else 1e-2)
 
 
+def _on_sm90() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _on_sm90(), reason="the sm_90a prefill path needs an sm_90 GPU")
+@pytest.mark.parametrize("T", [1, 7, 65, 300])
+@pytest.mark.parametrize("mode", ["fp16", "bf16"])
+def test_sm90_prefill_matches_the_reference_on_gpu(lib, T, mode):
+    dtype = torch.bfloat16 if mode == "bf16" else torch.float16
+    p = _problem(T=T, H=256, I=512, E=8, seed=T, device="cuda")
+    p = {k: v.to(dtype) if k != "router" else v for k, v in p.items()}
+    out = torch.full_like(p["hidden"], float("nan"))
+    kernels.moe_top2_torch(**p, flags=kernels.FLAG_PREFILL_SM90 | kernels.FLAG_FORCE_PREFILL, out=out, lib=lib)
+    ref = reference.moe_top2_reference(**p)
+    rows = reference.routing_margin(p["hidden"], p["router"]) > 1e-4
+    assert reference.relative_error(out, ref, rows) <= 1e-2
+
+
 # --- the binding speaks the header's ABI ------------------------------------------------------
 
 
@@ -325,3 +474,4 @@ def test_constants_match_the_header():
         assert int(defines[f"MOE_DTYPE_{name}"]) == getattr(kernels, f"DTYPE_{name}")
     assert int(defines["MOE_FLAG_FORCE_DECODE"]) == kernels.FLAG_FORCE_DECODE
     assert int(defines["MOE_FLAG_FORCE_PREFILL"]) == kernels.FLAG_FORCE_PREFILL
+    assert int(defines["MOE_FLAG_PREFILL_SM90"]) == kernels.FLAG_PREFILL_SM90 == 4
