@@ -168,7 +168,9 @@ def _parse(
     builder = T.Builder(logger)
     network = builder.create_network(trt.network_flags())
     parser = T.OnnxParser(network, logger)
-    ok = parser.parse(lowered.SerializeToString(), str(model_path))  # the path locates the external data
+    # The path locates the external data. TensorRT-RTX 1.7's parser maps it rather than reading it:
+    # during a build the weights count as file-backed (reclaimable) pages, not anonymous memory.
+    ok = parser.parse(lowered.SerializeToString(), str(model_path))
     problems = [_parser_error(parser.get_error(i), trt.module) for i in range(parser.num_errors)]
     problems += [f"plugin: {e}" for e in moe_plugin.take_errors()]
     if not ok or problems:
@@ -370,39 +372,98 @@ def build(
         cache = _load_timing_cache(config, cache_path)
     _say(progress, f"building for {', '.join('SM' + s for s in target_sms) or 'this GPU'} "
                    f"(batch <= {batch}, seq <= {seq}, {parsed.moe_nodes} MoE plugin layers)")  # fmt: skip
-    from mixtral_trt.plugins import moe_plugin
-
     built = time.perf_counter()
-    plan = parsed.builder.build_serialized_network(parsed.network, config)
-    if plan is None:
-        said = [f"plugin: {e}" for e in moe_plugin.take_errors()] + trt.logger().take_errors()
-        raise EngineBuildError("TensorRT could not build the engine:\n  " + "\n  ".join(said or ["(no detail)"]))
-    build_seconds = time.perf_counter() - built
-    if cache is not None:
-        atomic_write_bytes(cache_path, bytes(cache.serialize()))
-
-    body = _manifest_body(parsed, manifest, src_dir, batch, seq, ranges, target_sms, cache_path, build_seconds)
     with atomic_dir(out_dir) as tmp:
-        sha = _write_plan(tmp / PLAN_FILE, plan)
+        plan_file = _PlanFile(tmp / PLAN_FILE)
+        try:
+            _build_plan(parsed, config, plan_file)
+            build_seconds = time.perf_counter() - built
+            sha = plan_file.finish()
+        finally:
+            plan_file.close()
+        if cache is not None:
+            atomic_write_bytes(cache_path, bytes(cache.serialize()))
+        body = _manifest_body(parsed, manifest, src_dir, batch, seq, ranges, target_sms, cache_path, build_seconds)
         _link_side_files(src_dir, tmp, model_path, parsed)
         write_manifest(tmp, "engine", body, {PLAN_FILE: sha})
-    _say(progress, f"wrote {out_dir} ({plan.nbytes / 1e6:.1f} MB plan, build {build_seconds:.1f} s, "
+    _say(progress, f"wrote {out_dir} ({plan_file.size / 1e6:.1f} MB plan, build {build_seconds:.1f} s, "
                    f"total {time.perf_counter() - started:.1f} s)")  # fmt: skip
     return out_dir
 
 
-def _write_plan(path: Path, plan) -> str:
-    """Write the serialized engine in chunks, hashing on the way; returns its sha256."""
+class _PlanFile:
+    """model.plan, written as TensorRT serializes it and hashed on the way (the plan is never
+    held whole in memory when the builder can stream: the engine's weights are its bulk)."""
+
+    def __init__(self, path: Path) -> None:
+        self._f = open(path, "wb")
+        self._sha = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data) -> None:
+        self._f.write(data)
+        self._sha.update(data)
+        self.size += len(data)
+
+    def finish(self) -> str:
+        """Flush to disk; returns the sha256."""
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        return self._sha.hexdigest()
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def _build_plan(parsed: ParsedNetwork, config, plan_file: _PlanFile) -> None:
+    """Build and serialize into ``plan_file``: streamed through an IStreamWriter where the builder
+    has ``build_serialized_network_to_stream`` (TensorRT >= 10.9, TensorRT-RTX), else the whole
+    serialized plan, written in chunks."""
+    from mixtral_trt.plugins import moe_plugin
+
+    module, builder = parsed.trt.module, parsed.builder
+
+    def failed() -> EngineBuildError:
+        said = [f"plugin: {e}" for e in moe_plugin.take_errors()] + parsed.trt.logger().take_errors()
+        return EngineBuildError("TensorRT could not build the engine:\n  " + "\n  ".join(said or ["(no detail)"]))
+
+    if hasattr(builder, "build_serialized_network_to_stream") and hasattr(module, "IStreamWriter"):
+        writer = _stream_writer(module, plan_file)
+        ok = builder.build_serialized_network_to_stream(parsed.network, config, writer)
+        if writer.error is not None:  # a failed write (disk full...) is the cause, whatever TensorRT says
+            raise writer.error
+        if not ok:
+            raise failed()
+        return
+    plan = builder.build_serialized_network(parsed.network, config)
+    if plan is None:
+        raise failed()
     view = memoryview(plan).cast("B")
-    sha = hashlib.sha256()
-    with open(path, "wb") as f:
-        for start in range(0, len(view), _CHUNK):
-            chunk = view[start : start + _CHUNK]
-            f.write(chunk)
-            sha.update(chunk)
-        f.flush()
-        os.fsync(f.fileno())
-    return sha.hexdigest()
+    for start in range(0, len(view), _CHUNK):
+        plan_file.write(view[start : start + _CHUNK])
+
+
+def _stream_writer(module, plan_file: _PlanFile):
+    """An IStreamWriter that appends to ``plan_file``. An exception must not cross back into
+    TensorRT: it is kept (and re-raised after the build) and the write reports 0 bytes, which makes
+    TensorRT abandon the build."""
+
+    class Writer(module.IStreamWriter):
+        def __init__(self) -> None:
+            module.IStreamWriter.__init__(self)
+            self.error: BaseException | None = None
+
+        def write(self, data) -> int:
+            if self.error is not None:
+                return 0
+            try:
+                plan_file.write(data)
+            except BaseException as exc:  # noqa: BLE001 - kept and re-raised by _build_plan
+                self.error = exc
+                return 0
+            return len(data)
+
+    return Writer()
 
 
 def _link_side_files(src_dir: Path, dst: Path, model_path: Path, parsed: ParsedNetwork) -> None:

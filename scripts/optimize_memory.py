@@ -4,7 +4,8 @@
 Generates a random bf16 checkpoint with Mixtral-8x7B's real dimensions (hidden 4096, FFN 14336,
 8 experts, 32/8 heads, vocab 32000) but a single decoder layer (~3.4 GB with embedding and LM
 head), exports it (max_batch 1, max_seq_len 512), then runs each step in a fresh child process
-and reports its output size, wall time and peak RSS:
+and reports its output size, wall time and peak RSS (for the builds also the peak of anonymous
+memory, sampled: the part the kernel cannot reclaim):
 
     convert fp16, convert int8 (weight-only), TensorRT-RTX ahead-of-time build (SM89, batch 1,
     seq 512) of the fp16 graph and of the int8 graph.
@@ -24,6 +25,7 @@ import argparse
 import collections
 import importlib.util
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -66,18 +68,42 @@ def child_convert(result_file: str, src_dir: str, out_dir: str, precision: str) 
     EM._report(result_file, wall_s=time.perf_counter() - start)
 
 
+class _AnonPeak:
+    """Largest RssAnon of this process, sampled every 20 ms by a thread. VmHWM also counts
+    file-backed pages (the parser maps the weights' data file), which the kernel can reclaim;
+    anonymous memory is what a build cannot give back."""
+
+    def __init__(self) -> None:
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, _proc_status(os.getpid(), "RssAnon") or 0)
+            self._stop.wait(0.02)
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return self.peak
+
+
 def child_build(result_file: str, src_dir: str, out_dir: str) -> None:
     """An RTX build; a failure is reported (exact message) rather than raised, with the peak so far."""
     from mixtral_trt.optimize.engine import build
 
+    anon = _AnonPeak()
     start = time.perf_counter()
     try:
         build(src_dir, out_dir, target="tensorrt-rtx", sms=SMS, max_batch=MAX_BATCH, max_seq_len=MAX_SEQ_LEN,
               progress=True)  # fmt: skip
     except Exception as exc:  # noqa: BLE001  (the row shows whatever went wrong)
-        EM._report(result_file, wall_s=time.perf_counter() - start, error=f"{type(exc).__name__}: {exc}")
+        EM._report(result_file, wall_s=time.perf_counter() - start, error=f"{type(exc).__name__}: {exc}",
+                   peak_anon=anon.stop())  # fmt: skip
         return
-    EM._report(result_file, wall_s=time.perf_counter() - start)
+    EM._report(result_file, wall_s=time.perf_counter() - start, peak_anon=anon.stop())
 
 
 # ---- parent --------------------------------------------------------------------------------
@@ -224,10 +250,11 @@ def _gb(value) -> str:
 
 def table(rows: list[tuple[str, dict]]) -> str:
     width = max(len(step) for step, _ in rows)
-    lines = [f"{'step':<{width}}  {'output GB':>9}  {'wall s':>7}  {'peak RSS GB':>11}"]
+    lines = [f"{'step':<{width}}  {'output GB':>9}  {'wall s':>7}  {'peak RSS GB':>11}  {'of it anonymous GB':>18}"]
     for step, r in rows:
         wall = "-" if r.get("wall_s") is None else f"{r['wall_s']:.1f}"
-        lines.append(f"{step:<{width}}  {_gb(r.get('out_bytes')):>9}  {wall:>7}  {_gb(r.get('peak_rss')):>11}")
+        lines.append(f"{step:<{width}}  {_gb(r.get('out_bytes')):>9}  {wall:>7}  {_gb(r.get('peak_rss')):>11}  "
+                     f"{_gb(r.get('peak_anon')):>18}")  # fmt: skip
         if "error" in r:
             lines.extend("    ! " + line for line in r["error"].splitlines())
     return "\n".join(lines)

@@ -9,6 +9,7 @@ manifest the runtime backend accepts. It does not mean the engine runs on a GPU.
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 
 import numpy as np
@@ -217,12 +218,13 @@ def test_failed_plan_write_leaves_no_partial_output(trt, export_dir, tmp_path, m
     good = engine.build(export_dir, tmp_path / "engine", target=trt.flavour, progress=False)
     before = (good / "model.plan").read_bytes()
 
-    def disk_full(path, plan):
-        with open(path, "wb") as f:
-            f.write(memoryview(plan)[: plan.nbytes // 2])
-        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+    real_write = engine._PlanFile.write
 
-    monkeypatch.setattr(engine, "_write_plan", disk_full)
+    def disk_full(self, data):  # half of the first write lands, then the disk is full
+        real_write(self, bytes(data)[: len(data) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(engine._PlanFile, "write", disk_full)
     for out in (tmp_path / "engine", tmp_path / "fresh"):
         with pytest.raises(OSError, match="No space left"):
             engine.build(export_dir, out, target=trt.flavour, progress=False)
@@ -230,6 +232,26 @@ def test_failed_plan_write_leaves_no_partial_output(trt, export_dir, tmp_path, m
     assert (good / "model.plan").read_bytes() == before  # the previous engine is intact
     read_manifest(good, "engine")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["engine"]  # no *.partial-* left behind
+
+
+def test_plan_is_streamed_to_disk_and_hashed(trt, export_dir, tmp_path, monkeypatch):
+    """The builder streams the plan (build_serialized_network_to_stream) when it can; either way
+    model.plan is what TensorRT serialized and the manifest's sha256 is its hash."""
+    writes = []
+    real_write = engine._PlanFile.write
+
+    def counted(self, data):
+        writes.append(len(data))
+        real_write(self, data)
+
+    monkeypatch.setattr(engine._PlanFile, "write", counted)
+    out = engine.build(export_dir, tmp_path / "engine", target=trt.flavour, progress=False)
+    plan = (out / "model.plan").read_bytes()
+    assert sum(writes) == len(plan) > 0
+    assert read_manifest(out, "engine", verify=True)["files"]["model.plan"]["sha256"] == hashlib.sha256(plan).hexdigest()
+    streamed = hasattr(trt.module.Builder, "build_serialized_network_to_stream")
+    if trt.is_rtx:
+        assert streamed  # TensorRT-RTX 1.7 streams (datacenter TensorRT since 10.x; older ones take the other branch)
 
 
 def test_timing_cache_is_saved_and_reused(trt, export_dir, tmp_path):
