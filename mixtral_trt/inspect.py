@@ -18,7 +18,7 @@ def describe(m: dict) -> str:
         lines.append(f"limits     max batch {export.get('max_batch')}, max sequence {export.get('max_seq_len')} tokens")
     opt = m.get("optimize")
     if opt:
-        extra = ", ".join(f"{k} {v}" for k, v in opt.items() if k not in ("precision", "target", "source"))
+        extra = ", ".join(_option(k, v) for k, v in opt.items() if k not in ("precision", "target", "source"))
         lines.append(f"optimize   precision {opt.get('precision')}, target {opt.get('target')}" + (f", {extra}" if extra else ""))
     eng = m.get("engine")
     if eng:
@@ -60,3 +60,13 @@ def human_size(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
     return str(n)
+
+
+def _option(key: str, value) -> str:
+    """One optimize option for humans; int8's weight choices read as which weights are int8."""
+    if key == "int8" and isinstance(value, dict):
+        names = {"lm_head": "LM head", "router": "router", "attention": "attention projections"}
+        quantized = ["experts"] + [names.get(k, k) for k, v in value.items() if v]
+        kept = [names.get(k, k) for k, v in value.items() if not v]
+        return f"int8 weights: {', '.join(quantized)}" + (f" (fp16: {', '.join(kept)})" if kept else "")
+    return f"{key} {value}"

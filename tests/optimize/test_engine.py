@@ -367,3 +367,21 @@ def test_plugin_serialization_round_trip_through_the_creator(trt):
     with pytest.raises(P.PluginFieldError, match="num_experts=0"):
         creator.create_plugin("moe", bad, T.TensorRTPhase.BUILD)
     P.take_errors()
+
+
+def test_inspect_prints_an_engine_manifest(trt, built):
+    """`mixtral-build inspect`: the engine's target, version, SMs, profiles, plugin and I/O, readably."""
+    from click.testing import CliRunner
+
+    from mixtral_trt.cli import main
+
+    result = CliRunner().invoke(main, ["inspect", str(built("int8"))])
+    assert result.exit_code == 0, result.output
+    text = result.output
+    assert text.startswith("engine artifact (format mixtral-trt v1)")
+    assert f"engine     {trt.manifest_target} {trt.version}, precision int8, cache float16" in text
+    assert "profile    " in text and "prefill" in text and "decode" in text
+    assert "plugin     mixtral::MixtralMoETop2 v1 from Python creator (mixtral_trt.plugins)" in text
+    assert "input      input_ids" in text and "(x2 layers, key and value)" in text
+    assert "output     logits" in text
+    assert "int8 weights: experts, attention projections (fp16: LM head, router)" in text
