@@ -5,12 +5,14 @@ CUTLASS grouped GEMMs of prefill_sm90.cu for sm_90a (about 1.5 minutes on two co
 loads without a GPU (cudart is static), its workspace size is a pure function of the shapes
 matching an independent formula, and it refuses bad arguments with a message before touching CUDA.
 The PyTorch reference is checked against the exported op's eager kernel, and the int8 quantiser on
-its own. ``slow``: prefill_sm90.cu compiles for every architecture of the build. ``gpu``: the
+its own. The built library's SASS shows the GEMMs on tensor cores (wgmma + TMA in the sm_90a CUTLASS
+GEMMs, mma.sync elsewhere). ``slow``: prefill_sm90.cu compiles for every architecture of the build. ``gpu``: the
 kernels against the reference (scripts/gpu_check.py does the full sweep and the timings).
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import struct
 import subprocess
@@ -62,8 +64,24 @@ def fatbin_archs(so: Path) -> set[str]:
     return archs
 
 
+def cuda_tool(name: str) -> str | None:
+    """A CUDA binary tool: on PATH, else from its pip wheel (nvidia-cuda-cuobjdump/-nvdisasm, in the
+    test extra), which installs it under site-packages/nvidia/cu13/bin."""
+    found = shutil.which(name)
+    if found:
+        return found
+    import importlib.util
+
+    spec = importlib.util.find_spec("nvidia")
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        for candidate in sorted(Path(root).glob(f"cu*/bin/{name}")):
+            if os.access(candidate, os.X_OK):
+                return str(candidate)
+    return None
+
+
 def cuobjdump_archs(so: Path) -> set[str] | None:
-    tool = shutil.which("cuobjdump")
+    tool = cuda_tool("cuobjdump")
     if tool is None:
         return None
     out = subprocess.run([tool, "--list-elf", str(so)], capture_output=True, text=True, check=True).stdout
@@ -109,6 +127,50 @@ def test_library_holds_the_cutlass_grouped_gemms_for_sm90a(library):
     stub = "__device_stub__ZN7cutlass13device_kernelINS_4gemm6kernel13GemmUniversalINS1_17GroupProblemShape"
     assert stub in symbols.stdout
     assert "moe::sm90_prefill_enqueue(" in symbols.stdout and "moe::sm90_prefill_check(" in symbols.stdout
+
+
+def sass_functions(so: Path, workdir: Path) -> dict[str, dict[str, str]]:
+    """{image: {mangled kernel name: its SASS}} for every cubin in the library, through cuobjdump
+    (extracts the cubins) and nvdisasm (disassembles each); skips when either tool is missing."""
+    cuobjdump, nvdisasm = cuda_tool("cuobjdump"), cuda_tool("nvdisasm")
+    if cuobjdump is None or nvdisasm is None:
+        pytest.skip("cuobjdump/nvdisasm not found: pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm")
+    subprocess.run([cuobjdump, "-xelf", "all", str(so)], cwd=workdir, capture_output=True, check=True, timeout=120)
+    images: dict[str, dict[str, str]] = {}
+    for cubin in sorted(workdir.glob("*.cubin")):  # libmixtral_moe_top2.<n>.sm_<arch>.cubin
+        sass = subprocess.run([nvdisasm, str(cubin)], capture_output=True, text=True, check=True, timeout=300).stdout
+        functions, name = {}, None
+        for line in sass.splitlines():
+            if line.startswith(".text.") and line.endswith(":"):
+                name = line[len(".text."):-1]
+                functions[name] = ""
+            elif name is not None:
+                functions[name] += line + "\n"
+        images[cubin.name.split(".", 1)[1].removesuffix(".cubin")] = functions
+    return images
+
+
+def test_sass_runs_the_gemms_on_tensor_cores(library, tmp_path):
+    """What the GPU executes, read from the built library: the sm_90a image's CUTLASS GEMMs are
+    wgmma (HGMMA) fed and drained by TMA (UTMALDG/UTMASTG); every image's own GEMMs are mma.sync
+    (HMMA, ldmatrix for prefill); no prefill GEMM spills registers to local memory."""
+    images = sass_functions(library, tmp_path)
+    assert {name.split(".")[1] for name in images} == EXPECTED_ARCHS  # "<n>.sm_90a" -> sm_90a
+    cutlass = {f: body for img, fns in images.items() for f, body in fns.items() if "cutlass13device_kernel" in f}
+    assert len(cutlass) == 2, sorted(cutlass)  # one GemmUniversal per activation dtype (fp16, bf16)
+    for name, body in cutlass.items():
+        for instruction in ("HGMMA.64x256x16.F32", "UTMALDG", "UTMASTG"):
+            assert instruction in body, f"{instruction} missing from {name[:120]}"
+        assert "HMMA" not in body and "LDL" not in body and "STL" not in body, name[:120]
+    for image, functions in images.items():
+        if not any("prefill_gemm" in f for f in functions):
+            continue  # the sm90 translation unit's image: checked above
+        ours = {f: body for f, body in functions.items() if "prefill_gemm" in f or "decode_gemm" in f}
+        assert sum("prefill_gemm" in f for f in ours) == 8 and sum("decode_gemm" in f for f in ours) == 32, image
+        for name, body in ours.items():
+            assert "HMMA.16816.F32" in body, f"{image}: no mma.sync in {name}"
+            if "prefill_gemm" in name:
+                assert "LDSM" in body and "LDL" not in body and "STL" not in body, f"{image}: {name}"
 
 
 def test_build_compiles_prefill_sm90_with_cutlass(tmp_path):
