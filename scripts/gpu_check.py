@@ -7,6 +7,10 @@ sections still report). Prints a PASS/FAIL summary and exits non-zero on any fai
 The sm_90a prefill path (MOE_FLAG_PREFILL_SM90, CUTLASS grouped GEMMs) has its own section and
 benchmark rows ("ours[sm90]"); both are skipped, with the reason printed, unless the device is
 sm_90 and the library holds the path. Its rows are benchmarked only after its section passed.
+If that section fails, its tiny cases run again with synchronous launches (the error then names
+the step: gather, setup, GEMM1, silu, GEMM2) and under compute-sanitizer's memcheck where the
+toolkit has it; every failed comparison prints where the output is wrong (rows never written,
+rows left zero, error by expert and by column block).
 
     python scripts/gpu_check.py                 # all sections (MIXTRAL_TRT_KERNELS_LIB or a build)
     python scripts/gpu_check.py --build-only    # build for this GPU's arch, print the library path
@@ -29,7 +33,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = ("decode", "prefill", "int8-decode", "int8-prefill", "special", "sm90", "mixtral")
-EXTRA_SECTIONS = ("sanitize",)  # a few tiny cases, to run under compute-sanitizer
+EXTRA_SECTIONS = ("sanitize", "sm90-sanitize")  # a few tiny cases, to run under compute-sanitizer
 TOKENS = (1, 2, 3, 7, 16, 64, 65, 300, 1024, 4096)
 SMALL = dict(H=512, I=1024, E=8)
 MIXTRAL = dict(H=4096, I=14336, E=8)
@@ -79,14 +83,14 @@ def make_problem(T, H, I, E, wmode="fp16", routing="random", seed=0, router_fp32
     g = torch.Generator(device=device).manual_seed(seed)
     hidden = torch.randn(T, H, generator=g, device=device, dtype=torch.float32)
     router = torch.randn(E, H, generator=g, device=device, dtype=torch.float32) / math.sqrt(H)
-    if routing == "skew":  # every token: top-1 expert 3, top-2 expert 5; the other six get nothing
+    if routing == "skew":  # every token: top-1 expert 3, top-2 expert 5 (of 8); the others get nothing
         hidden[:, 0] = 8.0
         router[:, 0] = 0.0
-        router[3, 0], router[5, 0] = 2.0, 1.0
-    elif routing == "starve":  # expert 7 never chosen, the rest random
+        router[min(3, E - 2), 0], router[min(5, E - 1), 0] = 2.0, 1.0
+    elif routing == "starve":  # the last expert (7 of 8) never chosen, the rest random
         hidden[:, 0] = 4.0
         router[:, 0] = 0.0
-        router[7, 0] = -3.0
+        router[E - 1, 0] = -3.0
     w13 = torch.randn(E, 2 * I, H, generator=g, device=device, dtype=dt).mul_(1 / math.sqrt(H))
     w2 = torch.randn(E, H, I, generator=g, device=device, dtype=dt).mul_(1 / math.sqrt(I))
     p = dict(hidden=hidden.to(dt), router=router if router_fp32 else router.to(dt), w13=w13, w2=w2,
@@ -116,9 +120,38 @@ def check(name, p, flags, wmode, results, kernels, reference, margin_min=1e-4):
     ok = err <= tol
     skipped = int((~rows).sum())
     note = f"{skipped} near-tie tokens excluded" if skipped else ""
+    if not ok:
+        note = "; ".join(filter(None, [note, diagnose(out, ref, p, reference)]))
     results.append(dict(name=name, ok=ok, err=err, tol=tol, note=note))
     print(f"{'ok  ' if ok else 'FAIL'} {name}: rel err {err:.2e} (tol {tol:.0e}) {note}", flush=True)
     return out
+
+
+def diagnose(out, ref, p, reference) -> str:
+    """Where a failed output is wrong, to debug from one run: rows never written (still NaN), rows
+    left zero, and the error by each token's first expert and by output column block."""
+    import torch
+
+    o, r = out.float(), ref.float()
+    scale = float(r.abs().max().clamp_min(1e-30))
+    bad = ~torch.isfinite(o)
+    row_err = torch.where(bad, torch.full_like(o, float("inf")), (o - r).abs()).amax(dim=1) / scale  # [T]
+    parts = [f"{int(bad.any(dim=1).sum())}/{o.shape[0]} rows non-finite",
+             f"{int((o == 0).all(dim=1).sum())} rows all zero"]  # fmt: skip
+    _, top_e = reference.route(p["hidden"], p["router"], 2)
+    by_expert = []
+    for e in range(p["w13"].shape[0]):
+        sel = top_e[:, 0] == e
+        if sel.any():
+            by_expert.append(f"e{e}:{int(sel.sum())}t/{float(row_err[sel].max()):.1e}")
+    parts.append("worst row error by first expert " + " ".join(by_expert))
+    finite = ~bad.any(dim=1)
+    if finite.any():
+        H, diff = o.shape[1], (o - r).abs()[finite]
+        block = max(H // 8, 1)
+        col_err = [float(diff[:, c:c + block].max()) / scale for c in range(0, H, block)]
+        parts.append(f"finite rows by column block of {block}: " + " ".join(f"{v:.1e}" for v in col_err))
+    return "; ".join(parts)
 
 
 # --- correctness sections ---------------------------------------------------------------------
@@ -447,6 +480,12 @@ def run_section(name: str) -> int:
             skipped = section_sm90(results, kernels, reference)
         elif name == "mixtral":
             section_mixtral(results, kernels, reference, rows)
+        elif name == "sm90-sanitize":  # empty experts (group 0 included), one partial tile, odd dims
+            flag = kernels.FLAG_PREFILL_SM90 | kernels.FLAG_FORCE_PREFILL
+            for T, routing, dims in ((1, "random", (128, 256, 8)), (130, "skew", (128, 256, 8)),
+                                     (77, "starve", (256, 192, 4)), (300, "random", (512, 1024, 8))):  # fmt: skip
+                check(f"sm90 tiny {routing} T={T} H,I,E={dims}", make_problem(T, *dims, routing=routing, seed=T), flag,
+                      "fp16", results, kernels, reference)  # fmt: skip
         elif name == "sanitize":
             for wmode in ("fp16", "int8-bf16"):
                 for T, flags in ((3, kernels.FLAG_FORCE_DECODE), (65, kernels.FLAG_FORCE_PREFILL), (65, 0)):
@@ -500,6 +539,31 @@ def print_sm90_summary(rows) -> None:
         print("\n".join(lines))
 
 
+def diagnose_sm90(env, timeout: float) -> None:
+    """After the sm90 section failed: its tiny cases again, with every launch synchronous (so the
+    enqueue's message names the step that faulted: gather, setup, GEMM1, silu, GEMM2), then under
+    compute-sanitizer's memcheck where the toolkit has it. Output only; the verdict stands."""
+    import shutil
+
+    me = [sys.executable, str(Path(__file__).resolve()), "--section", "sm90-sanitize"]
+    sanitizer = shutil.which("compute-sanitizer") or next(
+        (str(c) for c in (Path("/usr/local/cuda/bin/compute-sanitizer"),) if c.is_file()), None)  # fmt: skip
+    runs = [("blocking launches", me, dict(env, CUDA_LAUNCH_BLOCKING="1"))]
+    if sanitizer:
+        runs.append(("compute-sanitizer memcheck", [sanitizer, "--tool", "memcheck", "--print-limit", "20", *me], env))
+    for title, cmd, run_env in runs:
+        print(f"\n=== sm90 diagnosis: {title} ===", flush=True)
+        try:
+            run = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False, env=run_env)
+            text = run.stdout + run.stderr
+        except subprocess.TimeoutExpired:
+            text = f"(timed out after {timeout:.0f} s)"
+        lines = [ln for ln in text.splitlines() if not ln.startswith("@@SUMMARY ")]
+        print("\n".join(lines[:80] + (["..."] if len(lines) > 80 else [])), flush=True)
+    if not sanitizer:
+        print("(compute-sanitizer not found: memcheck skipped)", flush=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--build-only", action="store_true", help="build for this GPU's arch and print the path")
@@ -535,6 +599,8 @@ def main() -> int:
             skipped = summary["skipped"] if summary else None
             failed = summary is None or skipped or not all(r["ok"] for r in summary["results"])
             env[SM90_ENV] = f"0:{skipped or 'the sm90 section crashed or failed'}" if failed else "1"
+            if failed and not skipped:
+                diagnose_sm90(env, args.timeout)
         if summary is None:
             crashed.append(name)
             results.append(dict(name=f"section {name} crashed (exit {code})", ok=False, err=None, note=""))

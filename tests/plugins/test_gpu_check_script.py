@@ -1,0 +1,66 @@
+"""scripts/gpu_check.py on the CPU: the parts that need no GPU, so that a device run is not lost to a
+bug in the script (its problems' routing, the failure diagnosis, the command line)."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from mixtral_trt.plugins import reference
+
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "gpu_check.py"
+
+
+@pytest.fixture(scope="module")
+def gpu_check():
+    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("E", [4, 8])
+def test_routings_do_what_their_names_say(gpu_check, E):
+    skew = gpu_check.make_problem(50, 64, 96, E, routing="skew", seed=1, device="cpu")
+    _, top_e = reference.route(skew["hidden"], skew["router"], 2)
+    first, second = (3, 5) if E == 8 else (2, 3)  # every token to the same two: the rest (expert 0 too) empty
+    assert (top_e[:, 0] == first).all() and (top_e[:, 1] == second).all()
+    starve = gpu_check.make_problem(300, 64, 96, E, routing="starve", seed=2, device="cpu")
+    _, top_e = reference.route(starve["hidden"], starve["router"], 2)
+    assert set(top_e.flatten().tolist()) == set(range(E - 1))  # the last expert alone gets nothing
+
+
+def test_problem_dtypes_and_int8_scales(gpu_check):
+    p = gpu_check.make_problem(5, 64, 96, 4, wmode="int8-bf16", device="cpu")
+    assert p["hidden"].dtype == torch.bfloat16 and p["w13"].dtype == torch.int8 and p["w2"].dtype == torch.int8
+    assert p["w13_scale"].shape == (4, 192) and p["w2_scale"].shape == (4, 64) and p["w13_scale"].dtype == torch.float16
+    p = gpu_check.make_problem(5, 64, 96, 4, router_fp32=True, device="cpu")
+    assert p["router"].dtype == torch.float32 and p["w13"].dtype == torch.float16
+
+
+def test_diagnosis_locates_the_wrong_rows(gpu_check):
+    p = gpu_check.make_problem(40, 64, 96, 4, routing="starve", seed=3, device="cpu")
+    ref = reference.moe_top2_reference(**p)
+    _, top_e = reference.route(p["hidden"], p["router"], 2)
+    out = ref.clone()
+    out[5] = float("nan")  # never written
+    out[7] = 0  # left zero
+    text = gpu_check.diagnose(out, ref, p, reference)
+    assert text.startswith("1/40 rows non-finite; 1 rows all zero")
+    expert_of_5 = int(top_e[5, 0])
+    assert f"e{expert_of_5}:{int((top_e[:, 0] == expert_of_5).sum())}t/inf" in text
+    clean = gpu_check.diagnose(ref.clone(), ref, p, reference)
+    assert "0/40 rows non-finite; 0 rows all zero" in clean and "inf" not in clean
+    assert "finite rows by column block of 8: " + " ".join(["0.0e+00"] * 8) in clean
+
+
+def test_command_line_help_needs_no_gpu():
+    done = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    for option in ("--build-only", "--section", "--skip", "--timeout"):
+        assert option in done.stdout
+    assert "sm90-sanitize" in done.stdout
