@@ -6,6 +6,10 @@
 # the nvidia-cutlass package (a 6 MB wheel of headers; `pip install --no-deps nvidia-cutlass==4.2.0.0`
 # is enough) or MIXTRAL_TRT_CUTLASS_INCLUDE=<dir with cutlass/ and cute/>. Without them the library
 # is built without that path and the script says so in its sm90 section.
+# On a GPU machine without CUTLASS (or to save its time), build for sm_90a where CUTLASS is and
+# bring the library along:
+#   python -m mixtral_trt.plugins.build --arch 90a --out-dir build/gpu      # about a minute on 2 cores
+#   MIXTRAL_TRT_KERNELS_LIB=build/gpu/libmixtral_moe_top2.so bash scripts/gpu_check.sh
 # With $OUT set (the device machine), the log and a JSON of the results land there too.
 set -euo pipefail
 cd "$(dirname "$0")/.."
