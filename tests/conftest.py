@@ -22,3 +22,13 @@ def make_checkpoint(root: Path, seed: int = 0, **overrides) -> Path:
     from mixtral_trt.export.tiny import tiny_config, write_tiny
 
     return write_tiny(root, tiny_config(**overrides), seed=seed)
+
+
+def load_module(path: Path, name: str):
+    """A Python file that is not part of the package (a script, a generated Triton model), as a module."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -5,12 +5,13 @@ Writes ~6.3 GB of random bf16 shards and two exports of the same size; minutes o
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import load_module
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "export_memory.py"
 LAYERS = [1, 2]
@@ -18,10 +19,7 @@ LAYERS = [1, 2]
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("export_memory", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_module(SCRIPT, "export_memory")
 
 
 @pytest.mark.slow

@@ -3,7 +3,6 @@ bug in the script (its problems' routing, the failure diagnosis, the command lin
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -12,15 +11,14 @@ import pytest
 import torch
 from mixtral_trt.plugins import reference
 
+from tests.conftest import load_module
+
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "gpu_check.py"
 
 
 @pytest.fixture(scope="module")
 def gpu_check():
-    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_module(SCRIPT, "gpu_check")
 
 
 @pytest.mark.parametrize("E", [4, 8])

@@ -6,7 +6,6 @@ nothing."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import subprocess
@@ -21,7 +20,7 @@ from click.testing import CliRunner
 from mixtral_trt import runtime
 from mixtral_trt.manifest import ManifestError, read_manifest, sha256_file, write_manifest
 from mixtral_trt.triton import TritonRepositoryError, triton_command, write_repository
-from tests.conftest import make_checkpoint
+from tests.conftest import load_module, make_checkpoint
 from tests.runtime.fake_triton import (
     TRITON_TYPES,
     FakeTriton,
@@ -360,9 +359,7 @@ def load_text_model(repo: Path, server: FakeTriton, monkeypatch, pb2):
     from google.protobuf import json_format
 
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", fake_pb_utils(server))
-    spec = importlib.util.spec_from_file_location("mixtral_text_model", repo / "mixtral" / "1" / "model.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_module(repo / "mixtral" / "1" / "model.py", "mixtral_text_model")
     model = module.TritonPythonModel()
     config = json_format.MessageToDict(server.configs["mixtral"], preserving_proto_field_name=True)
     model.initialize({"model_config": json.dumps(config), "model_repository": str(repo / "mixtral"),
