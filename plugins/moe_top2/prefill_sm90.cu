@@ -90,6 +90,11 @@ struct Grouped {
     static_assert(std::is_same_v<typename Kernel::InternalStrideA, Stride>, "A must be row-major (K contiguous)");
     static_assert(std::is_same_v<typename Kernel::InternalStrideB, Stride>, "B must be [N, K] (K contiguous)");
     static_assert(std::is_same_v<typename Kernel::InternalStrideD, Stride>, "D must be row-major");
+    // Launch limits, checked here rather than by a failed launch on a GPU: an sm_90 CTA may opt in
+    // to 227 KB of shared memory (the tile's 4 stages and epilogue take 210 KB), and kernel
+    // parameters beyond 4 KB need CUDA 12.1's large-parameter launches (they take 1.75 KB).
+    static_assert(Kernel::SharedStorageSize <= 227 * 1024, "the GEMM's shared memory exceeds an sm_90 CTA's 227 KB");
+    static_assert(sizeof(typename Kernel::Params) <= 4096, "the GEMM's kernel parameters exceed 4 KB");
 };
 
 // One grouped GEMM's device-side arguments, carved from the workspace's args region.

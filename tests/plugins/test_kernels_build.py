@@ -6,7 +6,8 @@ loads without a GPU (cudart is static), its workspace size is a pure function of
 matching an independent formula, and it refuses bad arguments with a message before touching CUDA.
 The PyTorch reference is checked against the exported op's eager kernel, and the int8 quantiser on
 its own. The built library's SASS shows the GEMMs on tensor cores (wgmma + TMA in the sm_90a CUTLASS
-GEMMs, mma.sync elsewhere). ``slow``: prefill_sm90.cu compiles for every architecture of the build. ``gpu``: the
+GEMMs, mma.sync elsewhere), and CUTLASS's own host functions size the sm_90a path's workspace within
+what the library reserves. ``slow``: prefill_sm90.cu compiles for every architecture of the build. ``gpu``: the
 kernels against the reference (scripts/gpu_check.py does the full sweep and the timings).
 """
 
@@ -171,6 +172,27 @@ def test_sass_runs_the_gemms_on_tensor_cores(library, tmp_path):
             assert "HMMA.16816.F32" in body, f"{image}: no mma.sync in {name}"
             if "prefill_gemm" in name:
                 assert "LDSM" in body and "LDL" not in body and "STL" not in body, f"{image}: {name}"
+
+
+def test_sm90_workspace_region_holds_what_cutlass_asks_for(tmp_path):
+    """CUTLASS's own host functions, compiled from prefill_sm90.cu with the library's flags and run
+    on the CPU: for every SM count the path accepts (1..kSm90MaxSms) the grouped GEMMs' workspace
+    fits kSm90GemmWorkspaceBytes, and CUTLASS accepts device-only problem shapes (about a minute)."""
+    if shutil.which("nvcc") is None:
+        pytest.skip("nvcc not found")
+    probe = tmp_path / "sm90_host_probe"
+    cmd = ["nvcc", *build.FLAGS, *build.SM90_FLAGS, f"-I{build.cutlass_include()}",
+           *build.gencode_flags((build.SM90_ARCH,)), "-o", str(probe),
+           str(build.SOURCE_DIR / "tests" / "sm90_host_probe.cu")]  # fmt: skip
+    made = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=1200)
+    assert made.returncode == 0, made.stderr[-4000:]
+    done = subprocess.run([str(probe)], capture_output=True, text=True, check=False, timeout=120)
+    assert done.returncode == 0 and "sm90_host_probe: PASS" in done.stdout, done.stdout + done.stderr
+    for dtype in ("fp16", "bf16"):
+        facts = dict(kv.split("=") for kv in next(
+            line for line in done.stdout.splitlines() if line.startswith(dtype + " ")).split()[1:])  # fmt: skip
+        assert 0 < int(facts["workspace_max"]) <= int(facts["reserved"])
+        assert int(facts["smem"]) <= 227 * 1024 and int(facts["threads"]) == 384  # 3 warpgroups: cooperative
 
 
 def test_build_compiles_prefill_sm90_with_cutlass(tmp_path):
