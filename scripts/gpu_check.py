@@ -41,6 +41,9 @@ ROOFLINE = {"H100 SXM": (3.35e12, 989e12), "H200": (4.8e12, 989e12)}  # bytes/s,
 TOL = {"fp16": 1e-2, "bf16": 1e-2, "int8": 2e-2}
 SM90_ENV = "MIXTRAL_GPU_CHECK_SM90"  # main -> mixtral section: "1" bench the sm90 path, else "0:<why not>"
 SM90_BENCH_TOKENS = (512, 2048, 4096)
+# The sm90 section takes seconds when it works; a hang there (a GEMM waiting on a TMA barrier)
+# must leave time for the benchmark in one device call.
+SECTION_TIMEOUT = {"sm90": 150}
 
 
 def import_plugins():
@@ -539,7 +542,7 @@ def print_sm90_summary(rows) -> None:
         print("\n".join(lines))
 
 
-def diagnose_sm90(env, timeout: float) -> None:
+def diagnose_sm90(env) -> None:
     """After the sm90 section failed: its tiny cases again, with every launch synchronous (so the
     enqueue's message names the step that faulted: gather, setup, GEMM1, silu, GEMM2), then under
     compute-sanitizer's memcheck where the toolkit has it. Output only; the verdict stands."""
@@ -547,17 +550,22 @@ def diagnose_sm90(env, timeout: float) -> None:
 
     me = [sys.executable, str(Path(__file__).resolve()), "--section", "sm90-sanitize"]
     sanitizer = shutil.which("compute-sanitizer") or next(
-        (str(c) for c in (Path("/usr/local/cuda/bin/compute-sanitizer"),) if c.is_file()), None)  # fmt: skip
-    runs = [("blocking launches", me, dict(env, CUDA_LAUNCH_BLOCKING="1"))]
+        (str(c) for c in (Path("/usr/local/cuda/bin/compute-sanitizer"),
+                          Path("/usr/local/cuda/compute-sanitizer/compute-sanitizer")) if c.is_file()), None)  # fmt: skip
+    # Short limits: a wrong TMA descriptor hangs a GEMM (its barrier waits for bytes that never
+    # come), and the whole script must fit one device call.
+    runs = [("blocking launches", me, dict(env, CUDA_LAUNCH_BLOCKING="1"), 60)]
     if sanitizer:
-        runs.append(("compute-sanitizer memcheck", [sanitizer, "--tool", "memcheck", "--print-limit", "20", *me], env))
-    for title, cmd, run_env in runs:
+        runs.append(("compute-sanitizer memcheck", [sanitizer, "--tool", "memcheck", "--print-limit", "20", *me], env,
+                     120))  # fmt: skip
+    for title, cmd, run_env, timeout in runs:
         print(f"\n=== sm90 diagnosis: {title} ===", flush=True)
         try:
             run = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False, env=run_env)
             text = run.stdout + run.stderr
-        except subprocess.TimeoutExpired:
-            text = f"(timed out after {timeout:.0f} s)"
+        except subprocess.TimeoutExpired as e:  # what it printed before it hung says which case hung
+            partial = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+            text = partial + f"\n(timed out after {timeout} s: a hang, not a slow run)"
         lines = [ln for ln in text.splitlines() if not ln.startswith("@@SUMMARY ")]
         print("\n".join(lines[:80] + (["..."] if len(lines) > 80 else [])), flush=True)
     if not sanitizer:
@@ -584,8 +592,9 @@ def main() -> int:
     for name in (s for s in SECTIONS if s not in args.skip):
         print(f"\n=== section {name} ===", flush=True)
         cmd = [sys.executable, str(Path(__file__).resolve()), "--section", name]
+        timeout = min(args.timeout, SECTION_TIMEOUT.get(name, args.timeout))
         try:
-            run = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, check=False, env=env)
+            run = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False, env=env)
             text, code = run.stdout + run.stderr, run.returncode
         except subprocess.TimeoutExpired as e:
             text, code = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or ""), "timeout"
@@ -600,7 +609,7 @@ def main() -> int:
             failed = summary is None or skipped or not all(r["ok"] for r in summary["results"])
             env[SM90_ENV] = f"0:{skipped or 'the sm90 section crashed or failed'}" if failed else "1"
             if failed and not skipped:
-                diagnose_sm90(env, args.timeout)
+                diagnose_sm90(env)
         if summary is None:
             crashed.append(name)
             results.append(dict(name=f"section {name} crashed (exit {code})", ok=False, err=None, note=""))
