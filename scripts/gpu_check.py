@@ -10,7 +10,9 @@ sm_90 and the library holds the path. Its rows are benchmarked only after its se
 If that section fails, its tiny cases run again with synchronous launches (the error then names
 the step: gather, setup, GEMM1, silu, GEMM2) and under compute-sanitizer's memcheck where the
 toolkit has it; every failed comparison prints where the output is wrong (rows never written,
-rows left zero, error by expert and by column block).
+rows left zero, error by expert and by column block). The last section ("breakdown") profiles
+one-token decode (eager and as a CUDA graph) and 2048-token prefill at Mixtral dims: each launch's
+time, their sum, and the gaps between dependent launches.
 
     python scripts/gpu_check.py                 # all sections (MIXTRAL_TRT_KERNELS_LIB or a build)
     python scripts/gpu_check.py --build-only    # build for this GPU's arch, print the library path
@@ -32,7 +34,7 @@ import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTIONS = ("decode", "prefill", "int8-decode", "int8-prefill", "special", "sm90", "mixtral")
+SECTIONS = ("decode", "prefill", "int8-decode", "int8-prefill", "special", "sm90", "mixtral", "breakdown")
 EXTRA_SECTIONS = ("sanitize", "sm90-sanitize")  # a few tiny cases, to run under compute-sanitizer
 TOKENS = (1, 2, 3, 7, 16, 64, 65, 300, 1024, 4096)
 SMALL = dict(H=512, I=1024, E=8)
@@ -460,6 +462,102 @@ def section_mixtral(results, kernels, reference, rows_out):
             del ws, out
 
 
+# --- where the time goes: each launch of one enqueue, from the CUDA profiler ---------------------
+
+
+def short_kernel_name(name: str) -> str:
+    """'void moe::decode_gemm<__half, false, true, 1>(moe::GemmArgs)' -> 'decode_gemm<__half, false, true, 1>'."""
+    if "cutlass" in name and "GemmUniversal" in name:
+        return "cutlass grouped GEMM (sm90)"
+    name = name.removeprefix("void ")
+    for prefix in ("moe::(anonymous namespace)::", "moe::"):
+        name = name.replace(prefix, "")
+    depth, cut = 0, len(name)
+    for i, ch in enumerate(name):  # drop the parameter list: the first '(' outside template brackets
+        depth += (ch == "<") - (ch == ">")
+        if ch == "(" and depth == 0:
+            cut = i
+            break
+    return name[:cut][:70]
+
+
+def breakdown_from_trace(events, calls: int):
+    """Kernel events of ``calls`` identical enqueues (dicts with name, ts, dur in µs, any order) ->
+    (rows, busy, span): per launch position the kernel's name and median µs; the median per call
+    of the summed kernel time (busy) and of first start to last end (span; span - busy = the gaps
+    between dependent launches). None when the events do not split into equal calls."""
+    kernels = sorted((e for e in events if e.get("cat", "kernel") == "kernel"), key=lambda e: e["ts"])
+    if calls <= 0 or not kernels or len(kernels) % calls:
+        return None
+    n = len(kernels) // calls
+    per_call = [kernels[i * n:(i + 1) * n] for i in range(calls)]
+    if any([short_kernel_name(e["name"]) for e in c] != [short_kernel_name(e["name"]) for e in per_call[0]]
+           for c in per_call):  # fmt: skip
+        return None
+    rows = [(short_kernel_name(per_call[0][k]["name"]), statistics.median(c[k]["dur"] for c in per_call))
+            for k in range(n)]  # fmt: skip
+    busy = statistics.median(sum(e["dur"] for e in c) for c in per_call)
+    span = statistics.median(c[-1]["ts"] + c[-1]["dur"] - c[0]["ts"] for c in per_call)
+    return rows, busy, span
+
+
+def profile_calls(fn, calls: int = 5):
+    """Kernel events of ``calls`` calls of ``fn`` (after warm-up), from torch.profiler's CUDA trace."""
+    import tempfile
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "trace.json"
+        prof.export_chrome_trace(str(path))
+        trace = json.loads(path.read_text())
+    return [e for e in trace.get("traceEvents", []) if e.get("cat") == "kernel"]
+
+
+def section_breakdown(kernels, rows_out):
+    """One-token decode (eager and as a CUDA graph) and 2048-token prefill at Mixtral dims, fp16:
+    each launch's median time, the kernels' sum and the span of one enqueue."""
+    import torch
+
+    H, I, E = MIXTRAL["H"], MIXTRAL["I"], MIXTRAL["E"]
+    cases = [("decode T=1", 1, 0, False), ("decode T=1 (cuda graph)", 1, 0, True), ("prefill T=2048", 2048, 0, False)]
+    if sm90_bench_reason(kernels) is None:
+        cases.append(("prefill T=2048 sm90", 2048, kernels.FLAG_PREFILL_SM90, False))
+    base = make_problem(2048, H, I, E, wmode="fp16", seed=21)
+    for title, T, flags, graphed in cases:
+        p = dict(base, hidden=base["hidden"][:T].contiguous())
+        ws = torch.empty(kernels.workspace_size(T, H, I, E, 2, kernels.torch_dtype_code(p["hidden"].dtype),
+                                                flags=flags), dtype=torch.uint8, device="cuda")  # fmt: skip
+        out = torch.empty_like(p["hidden"])
+        fn = graph_call(kernels, p, ws, out) if graphed else (
+            lambda p=p, ws=ws, out=out, flags=flags: kernels.moe_top2_torch(**p, out=out, workspace=ws, flags=flags))
+        if fn is None:
+            continue
+        try:
+            found = breakdown_from_trace(profile_calls(fn), 5)
+        except Exception as e:  # noqa: BLE001 - the profiler is optional: say why and go on
+            print(f"  {title}: no profile ({type(e).__name__}: {str(e).splitlines()[0][:160]})", flush=True)
+            continue
+        if found is None:
+            print(f"  {title}: the profile did not split into 5 equal calls", flush=True)
+            continue
+        launches, busy, span = found
+        print(f"\n{title} (fp16, Mixtral dims): kernels {busy:.1f} us, first start to last end {span:.1f} us, "
+              f"gaps {span - busy:.1f} us", flush=True)  # fmt: skip
+        for name, us in launches:
+            print(f"  {us:9.1f} us  {us / busy * 100:5.1f}%  {name}", flush=True)
+        rows_out.append(dict(kind="breakdown", case=title, busy_us=busy, span_us=span, launches=launches))
+        del ws, out
+
+
 # --- driver -----------------------------------------------------------------------------------
 
 
@@ -483,6 +581,8 @@ def run_section(name: str) -> int:
             skipped = section_sm90(results, kernels, reference)
         elif name == "mixtral":
             section_mixtral(results, kernels, reference, rows)
+        elif name == "breakdown":
+            section_breakdown(kernels, rows)
         elif name == "sm90-sanitize":  # empty experts (group 0 included), one partial tile, odd dims
             flag = kernels.FLAG_PREFILL_SM90 | kernels.FLAG_FORCE_PREFILL
             for T, routing, dims in ((1, "random", (128, 256, 8)), (130, "skew", (128, 256, 8)),

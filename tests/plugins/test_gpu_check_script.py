@@ -61,4 +61,34 @@ def test_command_line_help_needs_no_gpu():
     assert done.returncode == 0, done.stderr
     for option in ("--build-only", "--section", "--skip", "--timeout"):
         assert option in done.stdout
-    assert "sm90-sanitize" in done.stdout
+    assert "sm90-sanitize" in done.stdout and "breakdown" in done.stdout
+
+
+def test_kernel_names_are_shortened(gpu_check):
+    short = gpu_check.short_kernel_name
+    assert short("void moe::decode_gemm<__half, false, true, 1>(moe::GemmArgs)") == "decode_gemm<__half, false, true, 1>"
+    assert short("void moe::(anonymous namespace)::silu_mul_kernel<__half>(__half*, __half const*, unsigned long)") == (
+        "silu_mul_kernel<__half>")
+    assert short("void cutlass::device_kernel<cutlass::gemm::kernel::GemmUniversal<cutlass::gemm::GroupProblemShape<"
+                 "cute::tuple<int, int, int> >, (long)> >(T1::Params)") == "cutlass grouped GEMM (sm90)"
+
+
+def test_breakdown_splits_the_trace_into_calls(gpu_check):
+    names = ["void moe::router_kernel<__half, __half>(x)", "void moe::permute_kernel(x)",
+             "void moe::decode_gemm<__half, false, true, 1>(g)", "void moe::combine_kernel<__half, false>(y)"]
+    events, t = [], 0.0
+    for call in range(3):
+        for k, name in enumerate(names):
+            dur = 10.0 * (k + 1) + call  # call 1 is the median
+            events.append(dict(cat="kernel", name=name, ts=t, dur=dur))
+            t += dur + 2.0  # 2 us between dependent launches
+        t += 50.0  # host time between calls: not part of a call's span
+    rows, busy, span = gpu_check.breakdown_from_trace(list(reversed(events)), 3)
+    assert [r[0] for r in rows] == ["router_kernel<__half, __half>", "permute_kernel",
+                                    "decode_gemm<__half, false, true, 1>", "combine_kernel<__half, false>"]
+    assert [r[1] for r in rows] == [11.0, 21.0, 31.0, 41.0]
+    assert busy == 104.0 and span == 104.0 + 3 * 2.0
+    assert gpu_check.breakdown_from_trace(events[:-1], 3) is None  # a launch missing: no split
+    shuffled = events[:4] + events[5:6] + events[4:5] + events[6:]  # call 2 launches in another order
+    shuffled[4], shuffled[5] = dict(shuffled[4], ts=shuffled[5]["ts"]), dict(shuffled[5], ts=shuffled[4]["ts"])
+    assert gpu_check.breakdown_from_trace(shuffled, 3) is None
