@@ -37,6 +37,22 @@ struct Elem<__nv_bfloat16> {
     }
 };
 
+// Eight elements of a and eight of b (one 16-byte vector each) -> f(a_i, b_i) computed in fp32 and
+// rounded back to T, as one 16-byte vector.
+template <typename T, typename F>
+__device__ __forceinline__ uint4 map8(const uint4& a, const uint4& b, F f) {
+    const uint32_t* aw = reinterpret_cast<const uint32_t*>(&a);
+    const uint32_t* bw = reinterpret_cast<const uint32_t*>(&b);
+    uint4 o;
+    uint32_t* ow = reinterpret_cast<uint32_t*>(&o);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+        const float2 fa = Elem<T>::unpack2(aw[k]), fb = Elem<T>::unpack2(bw[k]);
+        ow[k] = Elem<T>::pack2(f(fa.x, fb.x), f(fa.y, fb.y));
+    }
+    return o;
+}
+
 // Weights are streamed once: skip L1, ask L2 for 256-byte prefetch.
 __device__ __forceinline__ uint4 ld_stream(const void* p) {
     uint4 v;

@@ -139,17 +139,8 @@ __global__ void combine_kernel(const T* y, const int* row_of, const float* wts, 
     const size_t rb = PERMUTED ? static_cast<size_t>(row_of[2 * t + 1]) : 2 * t + 1;
     const uint4 a = ld_cached(y + ra * H + c), b = ld_cached(y + rb * H + c);
     const float w0 = wts[2 * t], w1 = wts[2 * t + 1];
-    const uint32_t* aw = reinterpret_cast<const uint32_t*>(&a);
-    const uint32_t* bw = reinterpret_cast<const uint32_t*>(&b);
-    uint4 o;
-    uint32_t* ow = reinterpret_cast<uint32_t*>(&o);
-#pragma unroll
-    for (int k = 0; k < 4; ++k) {
-        const float2 fa = Elem<T>::unpack2(aw[k]), fb = Elem<T>::unpack2(bw[k]);
-        ow[k] = Elem<T>::pack2(__fadd_rn(__fmul_rn(w0, fa.x), __fmul_rn(w1, fb.x)),
-                               __fadd_rn(__fmul_rn(w0, fa.y), __fmul_rn(w1, fb.y)));
-    }
-    *reinterpret_cast<uint4*>(out + t * H + c) = o;
+    *reinterpret_cast<uint4*>(out + t * H + c) =
+        map8<T>(a, b, [=](float fa, float fb) { return __fadd_rn(__fmul_rn(w0, fa), __fmul_rn(w1, fb)); });
 }
 
 #ifdef MIXTRAL_MOE_NO_SM90_PATH

@@ -195,16 +195,7 @@ __global__ void __launch_bounds__(256) silu_mul_kernel(T* act, const T* up, size
     for (size_t i = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n8;
          i += static_cast<size_t>(gridDim.x) * blockDim.x) {
         const uint4 g = *reinterpret_cast<const uint4*>(act + 8 * i), u = ld_cached(up + 8 * i);
-        const uint32_t* gw = reinterpret_cast<const uint32_t*>(&g);
-        const uint32_t* uw = reinterpret_cast<const uint32_t*>(&u);
-        uint4 o;
-        uint32_t* ow = reinterpret_cast<uint32_t*>(&o);
-#pragma unroll
-        for (int k = 0; k < 4; ++k) {
-            const float2 fg = Elem<T>::unpack2(gw[k]), fu = Elem<T>::unpack2(uw[k]);
-            ow[k] = Elem<T>::pack2(silu(fg.x) * fu.x, silu(fg.y) * fu.y);
-        }
-        *reinterpret_cast<uint4*>(act + 8 * i) = o;
+        *reinterpret_cast<uint4*>(act + 8 * i) = map8<T>(g, u, [](float fg, float fu) { return silu(fg) * fu; });
     }
 }
 
