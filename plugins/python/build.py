@@ -149,6 +149,11 @@ def sm90_archs(archs) -> tuple:
     return (SM90_ARCH,) if SM90_ARCH in archs else tuple(archs)
 
 
+def sm90_compile_flags(cutlass: Path) -> list[str]:
+    """nvcc flags for prefill_sm90.cu (and sources that include it), before the -gencode flags."""
+    return [*FLAGS, *SM90_FLAGS, f"-I{cutlass}"]
+
+
 def nvcc_commands(nvcc: str, archs, objects: Path, output: Path, cutlass: Path | None = None) -> list[list[str]]:
     """Compile kernels.cu and prefill_sm90.cu to objects in ``objects`` (run concurrently), then link.
 
@@ -166,7 +171,7 @@ def nvcc_commands(nvcc: str, archs, objects: Path, output: Path, cutlass: Path |
     return [
         [nvcc, *FLAGS, *gencode_flags(archs), f"--threads={threads}", "-c", "-o", str(kernels_o),
          str(SOURCE_DIR / MAIN_SOURCE)],
-        [nvcc, *FLAGS, *SM90_FLAGS, f"-I{cutlass}", *gencode_flags(sm90),
+        [nvcc, *sm90_compile_flags(cutlass), *gencode_flags(sm90),
          f"--threads={max(1, min(len(sm90), os.cpu_count() or 1))}", "-c", "-o", str(sm90_o),
          str(SOURCE_DIR / SM90_SOURCE)],
         [nvcc, *LINK_FLAGS, "-o", str(output), str(kernels_o), str(sm90_o)],

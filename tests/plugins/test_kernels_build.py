@@ -140,14 +140,15 @@ def sass_functions(so: Path, workdir: Path) -> dict[str, dict[str, str]]:
     images: dict[str, dict[str, str]] = {}
     for cubin in sorted(workdir.glob("*.cubin")):  # libmixtral_moe_top2.<n>.sm_<arch>.cubin
         sass = subprocess.run([nvdisasm, str(cubin)], capture_output=True, text=True, check=True, timeout=300).stdout
-        functions, name = {}, None
+        functions: dict[str, list[str]] = {}
+        name = None
         for line in sass.splitlines():
             if line.startswith(".text.") and line.endswith(":"):
                 name = line[len(".text."):-1]
-                functions[name] = ""
+                functions[name] = []
             elif name is not None:
-                functions[name] += line + "\n"
-        images[cubin.name.split(".", 1)[1].removesuffix(".cubin")] = functions
+                functions[name].append(line)
+        images[cubin.name.split(".", 1)[1].removesuffix(".cubin")] = {f: "\n".join(b) for f, b in functions.items()}
     return images
 
 
@@ -174,6 +175,11 @@ def test_sass_runs_the_gemms_on_tensor_cores(library, tmp_path):
                 assert "LDSM" in body and "LDL" not in body and "STL" not in body, f"{image}: {name}"
 
 
+def nvcc_sm90(archs, *args: str) -> list[str]:
+    """nvcc with the flags the library build gives prefill_sm90.cu (CUTLASS's include, its defines)."""
+    return ["nvcc", *build.sm90_compile_flags(build.cutlass_include()), *build.gencode_flags(archs), *args]
+
+
 def test_sm90_workspace_region_holds_what_cutlass_asks_for(tmp_path):
     """CUTLASS's own host functions, compiled from prefill_sm90.cu with the library's flags and run
     on the CPU: for every SM count the path accepts (1..kSm90MaxSms) the grouped GEMMs' workspace
@@ -181,9 +187,7 @@ def test_sm90_workspace_region_holds_what_cutlass_asks_for(tmp_path):
     if shutil.which("nvcc") is None:
         pytest.skip("nvcc not found")
     probe = tmp_path / "sm90_host_probe"
-    cmd = ["nvcc", *build.FLAGS, *build.SM90_FLAGS, f"-I{build.cutlass_include()}",
-           *build.gencode_flags((build.SM90_ARCH,)), "-o", str(probe),
-           str(build.SOURCE_DIR / "tests" / "sm90_host_probe.cu")]  # fmt: skip
+    cmd = nvcc_sm90((build.SM90_ARCH,), "-o", str(probe), str(build.SOURCE_DIR / "tests" / "sm90_host_probe.cu"))
     made = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=1200)
     assert made.returncode == 0, made.stderr[-4000:]
     done = subprocess.run([str(probe)], capture_output=True, text=True, check=False, timeout=120)
@@ -255,9 +259,8 @@ def test_prefill_sm90_compiles_for_every_architecture(tmp_path):
     warning from our code (about 2 minutes of CPU; the default build compiles it for sm_90a only)."""
     if shutil.which("nvcc") is None:
         pytest.skip("nvcc not found")
-    cmd = ["nvcc", *build.FLAGS, *build.SM90_FLAGS, f"-I{build.cutlass_include()}",
-           *build.gencode_flags(build.DEFAULT_ARCHS), "--threads=2", "-c", "-o", str(tmp_path / "p.o"),
-           str(build.SOURCE_DIR / build.SM90_SOURCE)]  # fmt: skip
+    cmd = nvcc_sm90(build.DEFAULT_ARCHS, "--threads=2", "-c", "-o", str(tmp_path / "p.o"),
+                    str(build.SOURCE_DIR / build.SM90_SOURCE))  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=1200)
     assert done.returncode == 0, done.stderr[-4000:]
     assert "prefill_sm90" not in done.stderr, done.stderr[-4000:]  # warnings in our files
