@@ -342,6 +342,16 @@ def bench(fn, warmup: int, reps: int) -> float:
     return 1000 * statistics.median(s.elapsed_time(e) for s, e in ev)
 
 
+def workspace_for(kernels, p, flags: int = 0):
+    """A device workspace for problem ``p`` (uint8, the size the library asks for with ``flags``)."""
+    import torch
+
+    T, H = p["hidden"].shape
+    E, two_i, _ = p["w13"].shape
+    size = kernels.workspace_size(T, H, two_i // 2, E, 2, kernels.torch_dtype_code(p["hidden"].dtype), flags=flags)
+    return torch.empty(size, dtype=torch.uint8, device="cuda")
+
+
 def graph_call(kernels, p, ws, out):
     """One enqueue captured in a CUDA graph (as TensorRT decode would run it): replay per call."""
     import torch
@@ -423,9 +433,7 @@ def section_mixtral(results, kernels, reference, rows_out):
             wbytes = experts * 3 * H * I * (1 if "int8" in wmode else 2) + ("int8" in wmode) * experts * (2 * I + H) * 4
             flop = 2 * T * 2 * 3 * H * I
             sm90_row = no_sm90 is None and T in SM90_BENCH_TOKENS and "int8" not in wmode
-            ws = torch.empty(kernels.workspace_size(T, H, I, E, 2, kernels.torch_dtype_code(p["hidden"].dtype),
-                                                    flags=kernels.FLAG_PREFILL_SM90 if sm90_row else 0),
-                             dtype=torch.uint8, device="cuda")  # fmt: skip  # sm90's size covers both paths
+            ws = workspace_for(kernels, p, kernels.FLAG_PREFILL_SM90 if sm90_row else 0)  # sm90's covers both paths
             out = torch.empty_like(p["hidden"])
             reps = 50 if small else 10
             impls = [("ours", lambda p=p, ws=ws, out=out: kernels.moe_top2_torch(**p, out=out, workspace=ws))]
@@ -486,16 +494,15 @@ def breakdown_from_trace(events, calls: int):
     (rows, busy, span): per launch position the kernel's name and median µs; the median per call
     of the summed kernel time (busy) and of first start to last end (span; span - busy = the gaps
     between dependent launches). None when the events do not split into equal calls."""
-    kernels = sorted((e for e in events if e.get("cat", "kernel") == "kernel"), key=lambda e: e["ts"])
+    kernels = sorted(events, key=lambda e: e["ts"])
     if calls <= 0 or not kernels or len(kernels) % calls:
         return None
     n = len(kernels) // calls
     per_call = [kernels[i * n:(i + 1) * n] for i in range(calls)]
-    if any([short_kernel_name(e["name"]) for e in c] != [short_kernel_name(e["name"]) for e in per_call[0]]
-           for c in per_call):  # fmt: skip
+    names = [short_kernel_name(e["name"]) for e in per_call[0]]
+    if any([short_kernel_name(e["name"]) for e in c] != names for c in per_call[1:]):
         return None
-    rows = [(short_kernel_name(per_call[0][k]["name"]), statistics.median(c[k]["dur"] for c in per_call))
-            for k in range(n)]  # fmt: skip
+    rows = [(names[k], statistics.median(c[k]["dur"] for c in per_call)) for k in range(n)]
     busy = statistics.median(sum(e["dur"] for e in c) for c in per_call)
     span = statistics.median(c[-1]["ts"] + c[-1]["dur"] - c[0]["ts"] for c in per_call)
     return rows, busy, span
@@ -534,8 +541,7 @@ def section_breakdown(kernels, rows_out):
     base = make_problem(2048, H, I, E, wmode="fp16", seed=21)
     for title, T, flags, graphed in cases:
         p = dict(base, hidden=base["hidden"][:T].contiguous())
-        ws = torch.empty(kernels.workspace_size(T, H, I, E, 2, kernels.torch_dtype_code(p["hidden"].dtype),
-                                                flags=flags), dtype=torch.uint8, device="cuda")  # fmt: skip
+        ws = workspace_for(kernels, p, flags)
         out = torch.empty_like(p["hidden"])
         fn = graph_call(kernels, p, ws, out) if graphed else (
             lambda p=p, ws=ws, out=out, flags=flags: kernels.moe_top2_torch(**p, out=out, workspace=ws, flags=flags))
@@ -642,6 +648,16 @@ def print_sm90_summary(rows) -> None:
         print("\n".join(lines))
 
 
+def run_captured(cmd, timeout: float, env) -> tuple[str, int | str]:
+    """stdout + stderr of ``cmd`` and its exit code; on a timeout, what it printed so far and "timeout"."""
+    try:
+        run = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False, env=env)
+        return run.stdout + run.stderr, run.returncode
+    except subprocess.TimeoutExpired as e:  # e.stdout may be bytes even with text=True
+        partial = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+        return partial, "timeout"
+
+
 def diagnose_sm90(env) -> None:
     """After the sm90 section failed: its tiny cases again, with every launch synchronous (so the
     enqueue's message names the step that faulted: gather, setup, GEMM1, silu, GEMM2), then under
@@ -660,12 +676,9 @@ def diagnose_sm90(env) -> None:
                      120))  # fmt: skip
     for title, cmd, run_env, timeout in runs:
         print(f"\n=== sm90 diagnosis: {title} ===", flush=True)
-        try:
-            run = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False, env=run_env)
-            text = run.stdout + run.stderr
-        except subprocess.TimeoutExpired as e:  # what it printed before it hung says which case hung
-            partial = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
-            text = partial + f"\n(timed out after {timeout} s: a hang, not a slow run)"
+        text, code = run_captured(cmd, timeout, run_env)
+        if code == "timeout":  # what it printed before it hung says which case hung
+            text += f"\n(timed out after {timeout} s: a hang, not a slow run)"
         lines = [ln for ln in text.splitlines() if not ln.startswith("@@SUMMARY ")]
         print("\n".join(lines[:80] + (["..."] if len(lines) > 80 else [])), flush=True)
     if not sanitizer:
@@ -693,11 +706,7 @@ def main() -> int:
         print(f"\n=== section {name} ===", flush=True)
         cmd = [sys.executable, str(Path(__file__).resolve()), "--section", name]
         timeout = min(args.timeout, SECTION_TIMEOUT.get(name, args.timeout))
-        try:
-            run = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False, env=env)
-            text, code = run.stdout + run.stderr, run.returncode
-        except subprocess.TimeoutExpired as e:
-            text, code = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or ""), "timeout"
+        text, code = run_captured(cmd, timeout, env)
         summary = None
         for line in text.splitlines():
             if line.startswith("@@SUMMARY "):
