@@ -10,9 +10,12 @@ sm_90 and the library holds the path. Its rows are benchmarked only after its se
 If that section fails, its tiny cases run again with synchronous launches (the error then names
 the step: gather, setup, GEMM1, silu, GEMM2) and under compute-sanitizer's memcheck where the
 toolkit has it; every failed comparison prints where the output is wrong (rows never written,
-rows left zero, error by expert and by column block). The last section ("breakdown") profiles
-one-token decode (eager and as a CUDA graph) and 2048-token prefill at Mixtral dims: each launch's
-time, their sum, and the gaps between dependent launches.
+rows left zero, error by expert and by column block). The "pdl" section checks MOE_FLAG_PDL
+(programmatic dependent launch, sm_90+): bit-identical to a plain enqueue, eagerly, back to back on
+one workspace with changing token counts, and replayed from CUDA graphs; only then does the
+benchmark add "ours[pdl]" rows. The last section ("breakdown") profiles one-token decode (eager and
+as a CUDA graph, with and without PDL) and 2048-token prefill at Mixtral dims: each launch's time,
+their sum, and the gaps between dependent launches.
 
     python scripts/gpu_check.py                 # all sections (MIXTRAL_TRT_KERNELS_LIB or a build)
     python scripts/gpu_check.py --build-only    # build for this GPU's arch, print the library path
@@ -34,14 +37,16 @@ import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTIONS = ("decode", "prefill", "int8-decode", "int8-prefill", "special", "sm90", "mixtral", "breakdown")
+SECTIONS = ("decode", "prefill", "int8-decode", "int8-prefill", "special", "pdl", "sm90", "mixtral", "breakdown")
 EXTRA_SECTIONS = ("sanitize", "sm90-sanitize")  # a few tiny cases, to run under compute-sanitizer
 TOKENS = (1, 2, 3, 7, 16, 64, 65, 300, 1024, 4096)
 SMALL = dict(H=512, I=1024, E=8)
 MIXTRAL = dict(H=4096, I=14336, E=8)
 ROOFLINE = {"H100 SXM": (3.35e12, 989e12), "H200": (4.8e12, 989e12)}  # bytes/s, dense fp16 FLOP/s
 TOL = {"fp16": 1e-2, "bf16": 1e-2, "int8": 2e-2}
-SM90_ENV = "MIXTRAL_GPU_CHECK_SM90"  # main -> mixtral section: "1" bench the sm90 path, else "0:<why not>"
+# main -> the mixtral and breakdown sections: "1" bench this option, else "0:<why not>"; an option is
+# benchmarked only after its own section passed.
+GATE_ENV = {"sm90": "MIXTRAL_GPU_CHECK_SM90", "pdl": "MIXTRAL_GPU_CHECK_PDL"}
 SM90_BENCH_TOKENS = (512, 2048, 4096)
 # The sm90 section takes seconds when it works; a hang there (a GEMM waiting on a TMA barrier)
 # must leave time for the benchmark in one device call.
@@ -246,6 +251,92 @@ def section_special(results, kernels, reference):
     print(f"{'ok  ' if ok else 'FAIL'} top_k=3 refused: {note}", flush=True)
 
 
+# --- programmatic dependent launch (MOE_FLAG_PDL) ------------------------------------------------
+
+
+def pdl_unavailable(kernels) -> str | None:
+    """Why MOE_FLAG_PDL would change nothing here (None: it takes effect)."""
+    import torch
+
+    if not hasattr(kernels, "FLAG_PDL"):
+        return "this checkout's kernels.py has no FLAG_PDL"
+    cap = torch.cuda.get_device_capability()
+    if cap < (9, 0):
+        return f"device {torch.cuda.get_device_name()} is sm_{cap[0]}{cap[1]}; programmatic launch needs sm_90+"
+    return None
+
+
+def same_bits(name: str, got, want, results) -> bool:
+    import torch
+
+    ok = torch.equal(got, want)
+    note = "" if ok else f"max diff {(got.float() - want.float()).abs().max().item():.3e}"
+    results.append(dict(name=name, ok=ok, err=None, note=note))
+    print(f"{'ok  ' if ok else 'FAIL'} {name} {note}", flush=True)
+    return ok
+
+
+def section_pdl(results, kernels, reference) -> str | None:
+    """MOE_FLAG_PDL against the reference and bit for bit against the same enqueue without it:
+    every path and weight mode, skewed routing, back-to-back enqueues on one workspace with token
+    counts (so region offsets) changing between them, and CUDA-graph replays. Returns why skipped."""
+    import torch
+
+    why = pdl_unavailable(kernels)
+    if why is not None:
+        print(f"skip pdl: {why}", flush=True)
+        return why
+    pdl = kernels.FLAG_PDL
+    for wmode in ("fp16", "bf16", "int8", "int8-bf16"):
+        for T, flags in ((1, 0), (3, 0), (16, 0), (33, 0), (64, 0), (65, 0), (1024, 0), (300, kernels.FLAG_FORCE_DECODE),
+                         (5, kernels.FLAG_FORCE_PREFILL)):  # fmt: skip
+            p = make_problem(T, **SMALL, wmode=wmode, seed=300 + T)
+            out = check(f"pdl {wmode} T={T} flags={flags}", p, flags | pdl, wmode, results, kernels, reference)
+            if out is not None:
+                same_bits(f"pdl {wmode} T={T} flags={flags} == without", out, kernels.moe_top2_torch(**p, flags=flags),
+                          results)  # fmt: skip
+    for routing in ("skew", "starve"):
+        for T in (1, 65):
+            p = make_problem(T, **SMALL, routing=routing, seed=7)
+            check(f"pdl {routing} fp16 T={T}", p, pdl, "fp16", results, kernels, reference)
+
+    # Back to back on one workspace, no synchronisation between: each enqueue's first kernels may
+    # start while the previous enqueue's last ones drain, over regions at other offsets.
+    seq = (1, 16, 300, 1, 64, 2048, 3, 1)
+    problems = [make_problem(T, **SMALL, wmode="fp16", seed=400 + i) for i, T in enumerate(seq)]
+    ws = workspace_for(kernels, problems[seq.index(max(seq))])
+    outs = [torch.full_like(q["hidden"], float("nan")) for q in problems]
+    torch.cuda.synchronize()
+    for q, out in zip(problems, outs):
+        kernels.moe_top2_torch(**q, out=out, workspace=ws, flags=pdl)
+    torch.cuda.synchronize()
+    for i, (q, out) in enumerate(zip(problems, outs)):
+        same_bits(f"pdl back to back #{i} T={seq[i]} == alone", out, kernels.moe_top2_torch(**q), results)
+
+    # CUDA graphs: capture with the flag, replay three times on fresh inputs without synchronising.
+    for T in (1, 4, 64):
+        p = make_problem(T, **SMALL, wmode="fp16", seed=13)
+        static_in = p["hidden"].clone()
+        q = dict(p, hidden=static_in)
+        ws = workspace_for(kernels, q)
+        out = torch.empty_like(static_in)
+        replay = graph_call(kernels, q, ws, out, flags=pdl)
+        if replay is None:
+            results.append(dict(name=f"pdl cuda graph T={T}", ok=False, err=None, note="capture failed"))
+            continue
+        fresh = [torch.randn_like(static_in) for _ in range(3)]
+        got = []
+        for x in fresh:
+            static_in.copy_(x)
+            replay()
+            got.append(out.clone())
+        torch.cuda.synchronize()
+        for i, (x, o) in enumerate(zip(fresh, got)):
+            same_bits(f"pdl cuda graph T={T} replay {i} == eager without", o, kernels.moe_top2_torch(**dict(p, hidden=x)),
+                      results)  # fmt: skip
+    return None
+
+
 # --- the sm_90a prefill path (MOE_FLAG_PREFILL_SM90) --------------------------------------------
 
 
@@ -315,11 +406,12 @@ def section_sm90(results, kernels, reference) -> str | None:
     return None
 
 
-def sm90_bench_reason(kernels) -> str | None:
-    """Why the mixtral section leaves out the sm90 rows (None: it benchmarks them)."""
-    verdict = os.environ.get(SM90_ENV)
+def bench_reason(option: str, kernels) -> str | None:
+    """Why the mixtral and breakdown sections leave out ``option``'s rows ("sm90", "pdl"; None:
+    they benchmark them): its section failed or was skipped, or, run by hand, it cannot run here."""
+    verdict = os.environ.get(GATE_ENV[option])
     if verdict is None:  # run as a single section by hand
-        return sm90_unavailable(kernels)
+        return sm90_unavailable(kernels) if option == "sm90" else pdl_unavailable(kernels)
     return None if verdict == "1" else verdict.removeprefix("0:")
 
 
@@ -352,16 +444,16 @@ def workspace_for(kernels, p, flags: int = 0):
     return torch.empty(size, dtype=torch.uint8, device="cuda")
 
 
-def graph_call(kernels, p, ws, out):
+def graph_call(kernels, p, ws, out, flags: int = 0):
     """One enqueue captured in a CUDA graph (as TensorRT decode would run it): replay per call."""
     import torch
 
     try:
-        kernels.moe_top2_torch(**p, out=out, workspace=ws)  # loads the kernels before capture
+        kernels.moe_top2_torch(**p, out=out, workspace=ws, flags=flags)  # loads the kernels before capture
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            kernels.moe_top2_torch(**p, out=out, workspace=ws)
+            kernels.moe_top2_torch(**p, out=out, workspace=ws, flags=flags)
     except Exception as e:  # noqa: BLE001
         print(f"  cuda graph capture failed: {type(e).__name__}: {e}", flush=True)
         return None
@@ -415,9 +507,11 @@ def section_mixtral(results, kernels, reference, rows_out):
     for wmode, T in (("fp16", 1), ("fp16", 64), ("fp16", 512), ("int8-bf16", 1), ("int8-bf16", 512), ("bf16", 2048)):
         p = dict(problems[wmode], hidden=problems[wmode]["hidden"][:T].contiguous())
         check(f"Mixtral dims {wmode} T={T}", p, 0, wmode, results, kernels, reference)
-    no_sm90 = sm90_bench_reason(kernels)
+    no_sm90, no_pdl = bench_reason("sm90", kernels), bench_reason("pdl", kernels)
     if no_sm90 is not None:
         print(f"  sm90 rows left out: {no_sm90}", flush=True)
+    if no_pdl is not None:
+        print(f"  pdl rows left out: {no_pdl}", flush=True)
     else:
         for wmode, T in (("fp16", 512), ("bf16", 2048)):
             p = dict(problems[wmode], hidden=problems[wmode]["hidden"][:T].contiguous())
@@ -443,6 +537,12 @@ def section_mixtral(results, kernels, reference, rows_out):
             replay = graph_call(kernels, p, ws, out) if small and wmode != "bf16" else None
             if replay is not None:
                 impls.append(("ours[cuda graph]", replay))
+            if no_pdl is None and wmode != "bf16" and (small or T == 2048):
+                impls.append(("ours[pdl]", lambda p=p, ws=ws, out=out: kernels.moe_top2_torch(
+                    **p, out=out, workspace=ws, flags=kernels.FLAG_PDL)))  # fmt: skip
+                replay = graph_call(kernels, p, ws, out, flags=kernels.FLAG_PDL) if small else None
+                if replay is not None:
+                    impls.append(("ours[pdl, cuda graph]", replay))
             if T in (16, 32, 64):
                 for path, flag in (("decode", kernels.FLAG_FORCE_DECODE), ("prefill", kernels.FLAG_FORCE_PREFILL)):
                     if kernels.decode_path(T, "int8" in wmode) != (path == "decode"):
@@ -536,14 +636,16 @@ def section_breakdown(kernels, rows_out):
 
     H, I, E = MIXTRAL["H"], MIXTRAL["I"], MIXTRAL["E"]
     cases = [("decode T=1", 1, 0, False), ("decode T=1 (cuda graph)", 1, 0, True), ("prefill T=2048", 2048, 0, False)]
-    if sm90_bench_reason(kernels) is None:
+    if bench_reason("pdl", kernels) is None:
+        cases += [("decode T=1 pdl", 1, kernels.FLAG_PDL, False), ("decode T=1 pdl (cuda graph)", 1, kernels.FLAG_PDL, True)]
+    if bench_reason("sm90", kernels) is None:
         cases.append(("prefill T=2048 sm90", 2048, kernels.FLAG_PREFILL_SM90, False))
     base = make_problem(2048, H, I, E, wmode="fp16", seed=21)
     for title, T, flags, graphed in cases:
         p = dict(base, hidden=base["hidden"][:T].contiguous())
         ws = workspace_for(kernels, p, flags)
         out = torch.empty_like(p["hidden"])
-        fn = graph_call(kernels, p, ws, out) if graphed else (
+        fn = graph_call(kernels, p, ws, out, flags) if graphed else (
             lambda p=p, ws=ws, out=out, flags=flags: kernels.moe_top2_torch(**p, out=out, workspace=ws, flags=flags))
         if fn is None:
             continue
@@ -556,8 +658,9 @@ def section_breakdown(kernels, rows_out):
             print(f"  {title}: the profile did not split into 5 equal calls", flush=True)
             continue
         launches, busy, span = found
-        print(f"\n{title} (fp16, Mixtral dims): kernels {busy:.1f} us, first start to last end {span:.1f} us, "
-              f"gaps {span - busy:.1f} us", flush=True)  # fmt: skip
+        gaps = f"gaps {span - busy:.1f} us" if span >= busy else f"overlap {busy - span:.1f} us"
+        print(f"\n{title} (fp16, Mixtral dims): kernels {busy:.1f} us, first start to last end {span:.1f} us, {gaps}",
+              flush=True)  # fmt: skip
         for name, us in launches:
             print(f"  {us:9.1f} us  {us / busy * 100:5.1f}%  {name}", flush=True)
         rows_out.append(dict(kind="breakdown", case=title, busy_us=busy, span_us=span, launches=launches))
@@ -583,6 +686,8 @@ def run_section(name: str) -> int:
             section_paths(name.split("-")[1], ("int8", "int8-bf16"), results, kernels, reference)
         elif name == "special":
             section_special(results, kernels, reference)
+        elif name == "pdl":
+            skipped = section_pdl(results, kernels, reference)
         elif name == "sm90":
             skipped = section_sm90(results, kernels, reference)
         elif name == "mixtral":
@@ -629,6 +734,7 @@ def print_table(rows) -> None:
         print(f"{r['wmode']:9s} {r['T']:5d} {r['impl']:20s} {r['experts']:7d} {r['us']:10.1f} {r['gbs']:7.0f} "
               f"{bw100:5.0f}% {bw200:5.0f}% {r['tflops']:8.1f} {r['tflops'] / 989 * 100:4.0f}% {vs:>7s}")  # fmt: skip
     print_sm90_summary(rows)
+    print_pdl_summary(rows)
 
 
 def print_sm90_summary(rows) -> None:
@@ -645,6 +751,24 @@ def print_sm90_summary(rows) -> None:
                      f"speed-up vs {', '.join(others)}")  # fmt: skip
     if lines:
         print("\nsm90 path (speed-up > 1: the sm90 path is faster):")
+        print("\n".join(lines))
+
+
+def print_pdl_summary(rows) -> None:
+    """What MOE_FLAG_PDL buys: each pdl row against the same launch mode without it (and the
+    one-token decode target: 75% of H100 SXM's 3.35 TB/s for the selected experts' weights)."""
+    bench = {(r["wmode"], r["T"], r["impl"]): r for r in rows if r["kind"] == "bench"}
+    lines = []
+    for (wmode, T, impl), r in sorted(bench.items()):
+        base = {"ours[pdl]": "ours", "ours[pdl, cuda graph]": "ours[cuda graph]"}.get(impl)
+        if base is None or (wmode, T, base) not in bench:
+            continue
+        b = bench[(wmode, T, base)]
+        share = r["gbs"] * 1e9 / ROOFLINE["H100 SXM"][0] * 100
+        lines.append(f"  {wmode:9s} T={T:5d} {base:16s} {b['us']:8.1f} us -> {r['us']:8.1f} us with PDL "
+                     f"({b['us'] / r['us']:.3f}x)" + (f"; {share:.0f}% of H100 SXM bandwidth" if T <= 64 else ""))
+    if lines:
+        print("\nprogrammatic dependent launch (> 1x: faster with MOE_FLAG_PDL):")
         print("\n".join(lines))
 
 
@@ -701,7 +825,8 @@ def main() -> int:
 
     results, rows, crashed = [], [], []
     env = dict(os.environ)
-    env.setdefault(SM90_ENV, "0:the sm90 section was skipped (--skip sm90)")
+    for option, var in GATE_ENV.items():
+        env.setdefault(var, f"0:the {option} section was skipped (--skip {option})")
     for name in (s for s in SECTIONS if s not in args.skip):
         print(f"\n=== section {name} ===", flush=True)
         cmd = [sys.executable, str(Path(__file__).resolve()), "--section", name]
@@ -713,11 +838,11 @@ def main() -> int:
                 summary = json.loads(line[len("@@SUMMARY "):])
             else:
                 print(line)
-        if name == "sm90":  # bench the sm90 rows only after the path passed its checks
+        if name in GATE_ENV:  # bench an option's rows only after it passed its checks
             skipped = summary["skipped"] if summary else None
             failed = summary is None or skipped or not all(r["ok"] for r in summary["results"])
-            env[SM90_ENV] = f"0:{skipped or 'the sm90 section crashed or failed'}" if failed else "1"
-            if failed and not skipped:
+            env[GATE_ENV[name]] = f"0:{skipped or f'the {name} section crashed or failed'}" if failed else "1"
+            if name == "sm90" and failed and not skipped:
                 diagnose_sm90(env)
         if summary is None:
             crashed.append(name)

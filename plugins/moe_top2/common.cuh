@@ -64,6 +64,27 @@ __device__ __forceinline__ uint4 ld_stream(const void* p) {
 
 __device__ __forceinline__ uint4 ld_cached(const void* p) { return __ldg(reinterpret_cast<const uint4*>(p)); }
 
+// Warm L2 with the line holding p (no register result, nothing to wait for).
+__device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
+
+// Programmatic dependent launch (MOE_FLAG_PDL, sm_90+). A kernel launched as a programmatic
+// dependent may start while the previous kernel on the stream drains: pdl_wait() returns once
+// that kernel has completed and its writes are visible, and pdl_launch_dependents() lets the next
+// kernel launch before this one ends. Every kernel here waits before it reads anything an earlier
+// kernel wrote, and lets its dependents launch only after its own wait, so when a kernel starts
+// every kernel two or more launches back has completed. Both are no-ops without the launch
+// attribute and on archs before sm_90 (where the host never sets it).
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
 __device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
     uint32_t d;
     asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(sel));

@@ -31,6 +31,14 @@ __global__ void __launch_bounds__(decode_warps(NT) * 32) decode_gemm(GemmArgs g)
     constexpr int U = (GATED ? 4 : 8) / (W8 ? 2 : 1);  // steps in flight per warp
     __shared__ float red[kDecodeWarps][MT * NT * 4][32];
 
+    // Under MOE_FLAG_PDL, GEMM1 waits for permute before it reads the routing. GEMM2 reads the
+    // routing before its wait: GEMM1 let GEMM2 launch only after its own wait for permute, so the
+    // routing is complete by then. GEMM2 then warms L2 with its first round of weights while GEMM1
+    // drains, and waits before it reads GEMM1's output.
+    if constexpr (GATED) {
+        pdl_wait();
+        pdl_launch_dependents();
+    }
     if (static_cast<int>(blockIdx.y) >= g.counters[1]) return;
     const int e = g.active[blockIdx.y];
     const int n0 = blockIdx.x * 16;
@@ -39,6 +47,18 @@ __global__ void __launch_bounds__(decode_warps(NT) * 32) decode_gemm(GemmArgs g)
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gi = lane >> 2, q = lane & 3;
     const int K = g.K, N = g.N;
     const size_t wrows = GATED ? 2 * static_cast<size_t>(N) : static_cast<size_t>(N);
+    if constexpr (!GATED) {
+        // This warp's first round: 16 rows x U * KSTEP * WB bytes, one 128-byte line per lane and turn.
+        constexpr int kLines = U * KSTEP * WB / 128;
+        const size_t first = static_cast<size_t>(warp) * U * KSTEP * WB;
+        const char* w0 = static_cast<const char*>(g.w) + (static_cast<size_t>(e) * wrows + n0) * K * WB + first;
+#pragma unroll 1
+        for (int i = lane; i < 16 * kLines; i += 32)
+            if (first + (i >> 4) * 128 < static_cast<size_t>(K) * WB)
+                prefetch_l2(w0 + static_cast<size_t>(i & 15) * K * WB + (i >> 4) * 128);
+        pdl_wait();
+        pdl_launch_dependents();
+    }
 
     const char* wrow[MT][2];  // this lane's 16 bytes of rows n0+gi and n0+gi+8 (gate, then up)
 #pragma unroll

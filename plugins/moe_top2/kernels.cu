@@ -2,6 +2,7 @@
 // layout, README.md for the design). No host synchronisation, no allocation: one enqueue is
 // five kernel launches on the caller's stream (router, permute, GEMM1, GEMM2, combine); the
 // sm_90a prefill path (MOE_FLAG_PREFILL_SM90, prefill_sm90.cu) makes five in place of the two GEMMs.
+// With MOE_FLAG_PDL on sm_90+, each of the five is a programmatic dependent of the launch before it.
 #include <cuda_runtime.h>
 
 #include <cstdarg>
@@ -28,6 +29,8 @@ template <typename T, typename R>
 __global__ void __launch_bounds__(kRouterWarps * 32)
     router_kernel(const T* hidden, const R* router, int tokens, int H, int E, int* ids, float* wts) {
     __shared__ float logits[kRouterWarps][MOE_MAX_EXPERTS];
+    pdl_wait();  // MOE_FLAG_PDL: the caller's kernel that wrote hidden has completed (common.cuh)
+    pdl_launch_dependents();
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int t0 = blockIdx.x * kRouterWarps, nt = min(kRouterWarps, tokens - t0);
     for (int pair = warp; pair < nt * E; pair += kRouterWarps) {
@@ -89,6 +92,8 @@ __global__ void __launch_bounds__(1024) permute_kernel(const int* ids, int A, in
                                                        int* active, int* perm, int4* tiles) {
     __shared__ int cnt[MOE_MAX_EXPERTS], off[MOE_MAX_EXPERTS + 1], toff[MOE_MAX_EXPERTS], aidx[MOE_MAX_EXPERTS];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nwarps = blockDim.x >> 5;
+    pdl_wait();
+    pdl_launch_dependents();
     for (int e = tid; e < E; e += blockDim.x) cnt[e] = 0;
     __syncthreads();
     for (int a = tid; a < A; a += blockDim.x) atomicAdd(&cnt[ids[a]], 1);
@@ -132,6 +137,7 @@ __global__ void __launch_bounds__(1024) permute_kernel(const int* ids, int A, in
 template <typename T, bool PERMUTED>
 __global__ void combine_kernel(const T* y, const int* row_of, const float* wts, T* out, int tokens, int H) {
     const int h8 = H / 8;
+    pdl_wait();  // the caller's next kernel launches once this one ends
     const size_t i = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x;
     if (i >= static_cast<size_t>(tokens) * h8) return;
     const size_t t = i / h8, c = (i % h8) * 8;
@@ -253,12 +259,11 @@ int validate(const MoeTop2Params* p, const void* workspace) {
     if (w8 && p->scale_dtype != MOE_DTYPE_FP16 && p->scale_dtype != MOE_DTYPE_FP32)
         return fail("scale_dtype=%d (%s); int8 weights need fp16 or fp32 scales", p->scale_dtype,
                     dtype_name(p->scale_dtype));
-    const int known = MOE_FLAG_FORCE_DECODE | MOE_FLAG_FORCE_PREFILL | MOE_FLAG_PREFILL_SM90;
+    const int known = MOE_FLAG_FORCE_DECODE | MOE_FLAG_FORCE_PREFILL | MOE_FLAG_PREFILL_SM90 | MOE_FLAG_PDL;
     if ((p->flags & ~known) || (p->flags & MOE_FLAG_FORCE_DECODE && p->flags & MOE_FLAG_FORCE_PREFILL))
-        return fail("flags=%d; expected 0, %d (force decode), %d (force prefill), %d (sm_90a prefill GEMMs) or %d "
-                    "(both)",
-                    p->flags, MOE_FLAG_FORCE_DECODE, MOE_FLAG_FORCE_PREFILL, MOE_FLAG_PREFILL_SM90,
-                    MOE_FLAG_FORCE_PREFILL | MOE_FLAG_PREFILL_SM90);
+        return fail("flags=%d; expected a sum of at most one of %d (force decode) and %d (force prefill), and "
+                    "optionally %d (sm_90a prefill GEMMs) and %d (programmatic dependent launch)",
+                    p->flags, MOE_FLAG_FORCE_DECODE, MOE_FLAG_FORCE_PREFILL, MOE_FLAG_PREFILL_SM90, MOE_FLAG_PDL);
     const bool sm90 = p->flags & MOE_FLAG_PREFILL_SM90;
     if (sm90 && p->flags & MOE_FLAG_FORCE_DECODE)
         return fail("flags=%d: MOE_FLAG_PREFILL_SM90 (%d) selects prefill GEMMs; it cannot be combined with "
@@ -284,49 +289,70 @@ int validate(const MoeTop2Params* p, const void* workspace) {
     return 0;
 }
 
-#define MOE_LAUNCH_CHECK()                                 \
-    do {                                                   \
-        const cudaError_t err_ = cudaGetLastError();       \
-        if (err_ != cudaSuccess) return launch_error(err_); \
-    } while (0)
-
 int launch_error(cudaError_t err) {
+    cudaGetLastError();  // a launch error is not sticky: leave none behind for the caller's next check
     snprintf(g_error, sizeof(g_error), "kernel launch failed: %s (%s)", cudaGetErrorName(err),
              cudaGetErrorString(err));
     return static_cast<int>(err);
 }
 
+// One launch on L.stream; with L.pdl, as a programmatic dependent of the previous launch there
+// (the kernel may start while that one drains; it waits for it with pdl_wait, common.cuh).
+struct Launch {
+    cudaStream_t stream;
+    bool pdl;
+    template <typename... Params, typename... Args>
+    int operator()(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, Args... args) const {
+        cudaLaunchAttribute attr{};
+        attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+        attr.val.programmaticStreamSerializationAllowed = 1;
+        cudaLaunchConfig_t cfg{};
+        cfg.gridDim = grid;
+        cfg.blockDim = block;
+        cfg.dynamicSmemBytes = smem;
+        cfg.stream = stream;
+        cfg.attrs = pdl ? &attr : nullptr;
+        cfg.numAttrs = pdl ? 1 : 0;
+        const cudaError_t err = cudaLaunchKernelEx(&cfg, kernel, static_cast<Params>(args)...);
+        return err == cudaSuccess ? 0 : launch_error(err);
+    }
+};
+
+// Programmatic dependent launch needs compute capability 9.0 or newer; elsewhere MOE_FLAG_PDL is
+// accepted and changes nothing.
+bool device_has_pdl() {
+    int dev = 0, major = 0;
+    return cudaGetDevice(&dev) == cudaSuccess &&
+           cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess && major >= 9;
+}
+
 template <typename T, bool W8, int NT>
-int decode_pair(const GemmArgs& g1, const GemmArgs& g2, int slots, cudaStream_t s) {
-    decode_gemm<T, W8, true, NT><<<dim3(g1.N / 16, slots), decode_warps(NT) * 32, 0, s>>>(g1);
-    MOE_LAUNCH_CHECK();
-    decode_gemm<T, W8, false, NT><<<dim3(g2.N / 16, slots), decode_warps(NT) * 32, 0, s>>>(g2);
-    MOE_LAUNCH_CHECK();
-    return 0;
+int decode_pair(const GemmArgs& g1, const GemmArgs& g2, int slots, const Launch& launch) {
+    const int threads = decode_warps(NT) * 32;
+    if (int rc = launch(decode_gemm<T, W8, true, NT>, dim3(g1.N / 16, slots), threads, 0, g1)) return rc;
+    return launch(decode_gemm<T, W8, false, NT>, dim3(g2.N / 16, slots), threads, 0, g2);
 }
 
 template <typename T, bool W8>
-int decode_gemms(int nt, const GemmArgs& g1, const GemmArgs& g2, int slots, cudaStream_t s) {
+int decode_gemms(int nt, const GemmArgs& g1, const GemmArgs& g2, int slots, const Launch& launch) {
     switch (nt) {
-        case 1: return decode_pair<T, W8, 1>(g1, g2, slots, s);
-        case 2: return decode_pair<T, W8, 2>(g1, g2, slots, s);
-        case 4: return decode_pair<T, W8, 4>(g1, g2, slots, s);
-        default: return decode_pair<T, W8, 8>(g1, g2, slots, s);
+        case 1: return decode_pair<T, W8, 1>(g1, g2, slots, launch);
+        case 2: return decode_pair<T, W8, 2>(g1, g2, slots, launch);
+        case 4: return decode_pair<T, W8, 4>(g1, g2, slots, launch);
+        default: return decode_pair<T, W8, 8>(g1, g2, slots, launch);
     }
 }
 
 template <typename T, bool W8>
-int prefill_gemms(const GemmArgs& g1, const GemmArgs& g2, int max_tiles, cudaStream_t s) {
+int prefill_gemms(const GemmArgs& g1, const GemmArgs& g2, int max_tiles, const Launch& launch) {
     constexpr int smem = PrefillSmem<W8>::kBytes;
     cudaError_t err = cudaFuncSetAttribute(prefill_gemm<T, W8, true>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     if (err == cudaSuccess)
         err = cudaFuncSetAttribute(prefill_gemm<T, W8, false>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     if (err != cudaSuccess) return launch_error(err);
-    prefill_gemm<T, W8, true><<<dim3(max_tiles, g1.N / (kBN / 2)), kPrefillThreads, smem, s>>>(g1);
-    MOE_LAUNCH_CHECK();
-    prefill_gemm<T, W8, false><<<dim3(max_tiles, (g2.N + kBN - 1) / kBN), kPrefillThreads, smem, s>>>(g2);
-    MOE_LAUNCH_CHECK();
-    return 0;
+    if (int rc = launch(prefill_gemm<T, W8, true>, dim3(max_tiles, g1.N / (kBN / 2)), kPrefillThreads, smem, g1))
+        return rc;
+    return launch(prefill_gemm<T, W8, false>, dim3(max_tiles, (g2.N + kBN - 1) / kBN), kPrefillThreads, smem, g2);
 }
 
 template <typename T>
@@ -344,26 +370,25 @@ int enqueue(const MoeTop2Params& p, char* ws, cudaStream_t s) {
     T* y = reinterpret_cast<T*>(ws + L.y);
     const T* hidden = static_cast<const T*>(p.hidden);
 
-    const int rblocks = (T_ + kRouterWarps - 1) / kRouterWarps;
-    if (p.router_dtype == MOE_DTYPE_FP32)
-        router_kernel<T, float><<<rblocks, kRouterWarps * 32, 0, s>>>(hidden, static_cast<const float*>(p.router), T_, H,
-                                                                      E, ids, wts);
-    else
-        router_kernel<T, T><<<rblocks, kRouterWarps * 32, 0, s>>>(hidden, static_cast<const T*>(p.router), T_, H, E,
-                                                                  ids, wts);
-    MOE_LAUNCH_CHECK();
-    permute_kernel<<<1, 1024, 0, s>>>(ids, A, E, offsets, counters, active, perm, tiles);
-    MOE_LAUNCH_CHECK();
-
-    const int scale_fp32 = p.scale_dtype == MOE_DTYPE_FP32;
-    const GemmArgs g1{p.hidden, p.w13, p.w13_scale, act, offsets, perm, active, counters, tiles, H, I, scale_fp32};
-    const GemmArgs g2{act, p.w2, p.w2_scale, y, offsets, perm, active, counters, tiles, I, H, scale_fp32};
     const bool w8 = p.weight_dtype == MOE_DTYPE_INT8;
     const int decode_max = w8 ? MOE_DECODE_MAX_TOKENS_INT8 : MOE_DECODE_MAX_TOKENS;
     const bool decode = (p.flags & MOE_FLAG_FORCE_DECODE) || (!(p.flags & MOE_FLAG_FORCE_PREFILL) && T_ <= decode_max);
     const bool sm90 = !decode && (p.flags & MOE_FLAG_PREFILL_SM90);
+    // The sm_90a path's CUTLASS GEMMs do not wait on their predecessors: that path never uses PDL.
+    const Launch launch{s, (p.flags & MOE_FLAG_PDL) && !sm90 && device_has_pdl()};
+    const int rblocks = (T_ + kRouterWarps - 1) / kRouterWarps;
+    int rc = p.router_dtype == MOE_DTYPE_FP32
+                 ? launch(router_kernel<T, float>, rblocks, kRouterWarps * 32, 0, hidden,
+                          static_cast<const float*>(p.router), T_, H, E, ids, wts)
+                 : launch(router_kernel<T, T>, rblocks, kRouterWarps * 32, 0, hidden, static_cast<const T*>(p.router),
+                          T_, H, E, ids, wts);
+    if (rc) return rc;
+    if ((rc = launch(permute_kernel, 1, 1024, 0, ids, A, E, offsets, counters, active, perm, tiles))) return rc;
+
+    const int scale_fp32 = p.scale_dtype == MOE_DTYPE_FP32;
+    const GemmArgs g1{p.hidden, p.w13, p.w13_scale, act, offsets, perm, active, counters, tiles, H, I, scale_fp32};
+    const GemmArgs g2{act, p.w2, p.w2_scale, y, offsets, perm, active, counters, tiles, I, H, scale_fp32};
     int* row_of = reinterpret_cast<int*>(ws + L.row_of);
-    int rc;
     if (sm90) {
         const Sm90PrefillArgs a{T_, H, I, E, std::is_same_v<T, __nv_bfloat16>, p.hidden, p.w13, p.w2, offsets, perm,
                                 y, act, ws + L.up, row_of, ws + L.sm90_args, ws + L.sm90_gemm};
@@ -372,20 +397,17 @@ int enqueue(const MoeTop2Params& p, char* ws, cudaStream_t s) {
         const int groups = (min(T_, 64) + 7) / 8;  // most tokens one expert can get, 64 per pass
         const int nt = groups <= 1 ? 1 : groups <= 2 ? 2 : groups <= 4 ? 4 : 8;
         const int slots = min(E, A);  // active experts
-        rc = w8 ? decode_gemms<T, true>(nt, g1, g2, slots, s) : decode_gemms<T, false>(nt, g1, g2, slots, s);
+        rc = w8 ? decode_gemms<T, true>(nt, g1, g2, slots, launch) : decode_gemms<T, false>(nt, g1, g2, slots, launch);
     } else {
         const int max_tiles = (A + kBM - 1) / kBM + E;
-        rc = w8 ? prefill_gemms<T, true>(g1, g2, max_tiles, s) : prefill_gemms<T, false>(g1, g2, max_tiles, s);
+        rc = w8 ? prefill_gemms<T, true>(g1, g2, max_tiles, launch) : prefill_gemms<T, false>(g1, g2, max_tiles, launch);
     }
     if (rc) return rc;
     const size_t n8 = static_cast<size_t>(T_) * (H / 8);
     const unsigned cblocks = static_cast<unsigned>((n8 + 255) / 256);
-    if (sm90)
-        combine_kernel<T, true><<<cblocks, 256, 0, s>>>(y, row_of, wts, static_cast<T*>(p.out), T_, H);
-    else
-        combine_kernel<T, false><<<cblocks, 256, 0, s>>>(y, nullptr, wts, static_cast<T*>(p.out), T_, H);
-    MOE_LAUNCH_CHECK();
-    return 0;
+    T* out = static_cast<T*>(p.out);
+    return sm90 ? launch(combine_kernel<T, true>, cblocks, 256, 0, y, row_of, wts, out, T_, H)
+                : launch(combine_kernel<T, false>, cblocks, 256, 0, y, nullptr, wts, out, T_, H);
 }
 
 }  // namespace

@@ -41,6 +41,14 @@ extern "C" {
  * sm_90a, and fp16/bf16 weights; refused otherwise, and together with MOE_FLAG_FORCE_DECODE.
  * Opt-in: compiled, not yet validated on a GPU. */
 #define MOE_FLAG_PREFILL_SM90 4
+/* Programmatic dependent launch: on an sm_90+ device each of the five launches may start while the
+ * one before it drains (each kernel waits for its predecessor with griddepcontrol.wait before it
+ * reads that kernel's output; the decode GEMM2 also warms L2 with its first weights meanwhile).
+ * The results are bit-identical to a launch without the flag. The first kernel waits for whatever
+ * ran before the enqueue on the stream, and the caller's next kernel starts after the last one
+ * ends, as without the flag. Accepted on every device; it changes nothing before sm_90 and on the
+ * MOE_FLAG_PREFILL_SM90 path. Opt-in: not yet measured on a GPU. */
+#define MOE_FLAG_PDL 8
 
 /* Tokens up to which the memory-bound decode path is chosen automatically (measured crossover
  * with the tensor-core path on an H200 at Mixtral dims: between 32 and 64 tokens for fp16/bf16

@@ -48,6 +48,8 @@ __global__ void __launch_bounds__(kPrefillThreads) prefill_gemm(GemmArgs g) {
     using S = PrefillSmem<W8>;
     constexpr int NB = W8 ? 2 : 4;  // 16-byte weight copies per thread and stage
     extern __shared__ __align__(128) unsigned char smem[];
+    pdl_wait();  // MOE_FLAG_PDL: see common.cuh
+    pdl_launch_dependents();
     if (static_cast<int>(blockIdx.x) >= g.counters[0]) return;
     const int4 ti = g.tiles[blockIdx.x];
     const int e = ti.x, r0 = ti.y, rows = ti.z - ti.y;

@@ -61,7 +61,7 @@ def test_command_line_help_needs_no_gpu():
     assert done.returncode == 0, done.stderr
     for option in ("--build-only", "--section", "--skip", "--timeout"):
         assert option in done.stdout
-    assert "sm90-sanitize" in done.stdout and "breakdown" in done.stdout
+    assert "sm90-sanitize" in done.stdout and "breakdown" in done.stdout and "pdl" in done.stdout
 
 
 def test_kernel_names_are_shortened(gpu_check):
@@ -92,3 +92,28 @@ def test_breakdown_splits_the_trace_into_calls(gpu_check):
     shuffled = events[:4] + events[5:6] + events[4:5] + events[6:]  # call 2 launches in another order
     shuffled[4], shuffled[5] = dict(shuffled[4], ts=shuffled[5]["ts"]), dict(shuffled[5], ts=shuffled[4]["ts"])
     assert gpu_check.breakdown_from_trace(shuffled, 3) is None
+
+
+def test_options_are_benchmarked_only_after_their_section_passed(gpu_check, monkeypatch):
+    for option, var in gpu_check.GATE_ENV.items():
+        monkeypatch.setenv(var, "1")
+        assert gpu_check.bench_reason(option, kernels=None) is None
+        monkeypatch.setenv(var, f"0:the {option} section crashed or failed")
+        assert gpu_check.bench_reason(option, kernels=None) == f"the {option} section crashed or failed"
+
+
+def test_pdl_summary_compares_like_with_like(gpu_check, capsys):
+    def row(T, impl, us):
+        gbs = 704e6 / (us * 1e-6) / 1e9
+        return dict(kind="bench", wmode="fp16", T=T, impl=impl, us=us, experts=2, gbs=gbs, tflops=1.0, vs_ours=None)
+
+    rows = [row(1, "ours", 216.0), row(1, "ours[pdl]", 200.0), row(1, "ours[cuda graph]", 210.0),
+            row(1, "ours[pdl, cuda graph]", 196.0), row(2048, "ours", 9000.0), row(2048, "ours[pdl]", 8900.0),
+            row(4, "ours[pdl]", 300.0)]  # no plain row at T=4: nothing to compare
+    gpu_check.print_pdl_summary(rows)
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if "->" in ln]
+    assert len(lines) == 3
+    eager, graph, prefill = (next(ln for ln in lines if key in ln) for key in (" ours  ", "graph", "T= 2048"))
+    assert "216.0 us ->    200.0 us with PDL (1.080x); 105% of H100 SXM bandwidth" in eager  # 704 MB in 200 us
+    assert "210.0 us ->    196.0 us with PDL (1.071x)" in graph
+    assert "(1.011x)" in prefill and "bandwidth" not in prefill

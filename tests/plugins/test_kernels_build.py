@@ -14,6 +14,7 @@ kernels against the reference (scripts/gpu_check.py does the full sweep and the 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -175,6 +176,51 @@ def test_sass_runs_the_gemms_on_tensor_cores(library, tmp_path):
                 assert "LDSM" in body and "LDL" not in body and "STL" not in body, f"{image}: {name}"
 
 
+def opcodes(sass: str) -> list[str]:
+    """The opcodes (with modifiers, predicates dropped) of one function's SASS, in order."""
+    ops = []
+    for line in sass.splitlines():
+        words = line.split("*/", 1)[1].split() if "*/" in line else []
+        words = words[1:] if words and words[0].startswith("@") else words
+        if words:
+            ops.append(words[0])
+    return ops
+
+
+def test_sass_waits_for_the_previous_kernel_before_reading_its_output(library, tmp_path):
+    """MOE_FLAG_PDL as compiled: in the sm_90a and sm_120 images every kernel of the default paths
+    waits for its predecessor (griddepcontrol.wait: ACQBULK) before it touches global memory, and
+    all but combine let their dependents launch (launch_dependents: PREEXIT) only after that wait.
+    The one exception is the decode GEMM2: before its wait it loads the routing (complete two
+    launches back) and prefetches its first weights into L2 (CCTL), and it stores nothing. The
+    sm_80 and sm_89 images have neither instruction (no programmatic launch before sm_90)."""
+    images = sass_functions(library, tmp_path)
+    names = ("router_kernel", "permute_kernel", "decode_gemm", "prefill_gemm", "combine_kernel")
+    global_memory = {"LDG", "STG", "LD", "ST", "ATOM", "ATOMG", "RED", "REDG", "LDGSTS", "CCTL"}
+    checked = 0
+    for image, functions in images.items():
+        for name, body in functions.items():
+            if not any(n in name for n in names):
+                continue  # the sm90 translation unit's kernels: never launched with the attribute
+            ops = opcodes(body)
+            wait = ops.index("ACQBULK") if "ACQBULK" in ops else None
+            trigger = ops.index("PREEXIT") if "PREEXIT" in ops else None
+            checked += 1
+            if image.split(".")[1] in ("sm_80", "sm_89"):  # "<n>.sm_80"
+                assert wait is None and trigger is None, f"{image}: {name}"
+                continue
+            assert wait is not None, f"{image}: no griddepcontrol.wait in {name}"
+            assert (trigger is None) == ("combine_kernel" in name), f"{image}: {name}"
+            assert trigger is None or trigger > wait, f"{image}: {name} lets dependents launch before its wait"
+            early = {op.split(".")[0] for op in ops[:wait]} & global_memory
+            gated = re.search(r"decode_gemmI\w+?Lb[01]ELb([01])ELi", name)
+            allowed = {"LDG", "CCTL"} if gated and gated.group(1) == "0" else set()
+            assert early <= allowed, f"{image}: {name} reaches global memory before its wait: {sorted(early)}"
+            if allowed:
+                assert early == allowed, f"{image}: {name}: the routing read and the L2 prefetch moved ({early})"
+    assert checked == 4 * 49, checked  # 49 kernels in each of the four images
+
+
 def nvcc_sm90(archs, *args: str) -> list[str]:
     """nvcc with the flags the library build gives prefill_sm90.cu (CUTLASS's include, its defines)."""
     return ["nvcc", *build.sm90_compile_flags(build.cutlass_include()), *build.gencode_flags(archs), *args]
@@ -318,7 +364,7 @@ def test_workspace_size_is_the_layout_formula(lib, T, H, I, E):
         first = kernels.workspace_size(T, H, I, E, 2, act, lib=lib)
         assert first == kernels.workspace_size(T, H, I, E, 2, act, lib=lib) == workspace_formula(T, H, I, E)
         assert lib.mixtral_moe_top2_workspace_size(T, H, I, E, 2, act) == first  # the flag-free entry point
-        for flags in (kernels.FLAG_FORCE_DECODE, kernels.FLAG_FORCE_PREFILL):
+        for flags in (kernels.FLAG_FORCE_DECODE, kernels.FLAG_FORCE_PREFILL, kernels.FLAG_PDL):
             assert kernels.workspace_size(T, H, I, E, 2, act, lib=lib, flags=flags) == first
         sm90 = kernels.workspace_size(T, H, I, E, 2, act, lib=lib, flags=kernels.FLAG_PREFILL_SM90)
         assert sm90 == workspace_formula(T, H, I, E, sm90=True)
@@ -386,7 +432,8 @@ def _enqueue(lib, **overrides):
         (dict(weight_dtype=kernels.DTYPE_INT8, scale_dtype=kernels.DTYPE_INT8), "scale_dtype=2"),
         (dict(weight_dtype=kernels.DTYPE_INT8, scale_dtype=kernels.DTYPE_FP16), "w13_scale is null"),
         (dict(flags=3), "flags=3"),
-        (dict(flags=8), "flags=8"),
+        (dict(flags=16), "flags=16"),
+        (dict(flags=kernels.FLAG_PDL | 3), "flags=11"),
         (dict(flags=kernels.FLAG_PREFILL_SM90 | kernels.FLAG_FORCE_DECODE), "cannot be combined with MOE_FLAG_FORCE"),
         (dict(flags=kernels.FLAG_PREFILL_SM90, weight_dtype=kernels.DTYPE_INT8, w13_scale=1 << 20, w2_scale=1 << 20),
          "MOE_FLAG_PREFILL_SM90 needs fp16/bf16 weights"),
@@ -412,9 +459,10 @@ def test_sm90_flag_without_a_gpu_is_refused(lib):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the fake pointers would be dereferenced")
-def test_enqueue_without_a_gpu_reports_the_cuda_error(lib):
-    with pytest.raises(kernels.KernelError, match="kernel launch failed: cuda"):
-        _enqueue(lib)
+@pytest.mark.parametrize("flags", [0, kernels.FLAG_PDL, kernels.FLAG_PDL | kernels.FLAG_FORCE_PREFILL])
+def test_enqueue_without_a_gpu_reports_the_cuda_error(lib, flags):
+    with pytest.raises(kernels.KernelError, match="kernel launch failed: cuda"):  # past validation
+        _enqueue(lib, flags=flags)
 
 
 # --- references ---------------------------------------------------------------------------------
@@ -514,6 +562,22 @@ def test_kernels_match_the_reference_on_gpu(lib, T, mode, flags):
     ref = reference.moe_top2_reference(**p)
     rows = reference.routing_margin(p["hidden"], p["router"]) > 1e-4
     assert reference.relative_error(out, ref, rows) <= (2e-2 if mode == "int8" else 1e-2)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("T", [1, 7, 65, 300])
+@pytest.mark.parametrize("mode", ["fp16", "int8"])
+@pytest.mark.parametrize("flags", [0, kernels.FLAG_FORCE_DECODE, kernels.FLAG_FORCE_PREFILL])
+def test_pdl_gives_the_same_bits_on_gpu(lib, T, mode, flags):
+    """MOE_FLAG_PDL changes when kernels start, not what they compute (a no-op before sm_90)."""
+    p = _problem(T=T, H=256, I=512, E=8, seed=T, device="cuda")
+    p = {k: v.half() if k != "router" else v for k, v in p.items()}
+    if mode == "int8":
+        p["w13"], p["w13_scale"] = reference.quantize_int8(p["w13"])
+        p["w2"], p["w2_scale"] = reference.quantize_int8(p["w2"])
+    plain = kernels.moe_top2_torch(**p, flags=flags, lib=lib)
+    assert torch.equal(kernels.moe_top2_torch(**p, flags=flags | kernels.FLAG_PDL, lib=lib), plain)
 
 
 def _on_sm90() -> bool:
