@@ -51,6 +51,7 @@ SM90_BENCH_TOKENS = (512, 2048, 4096)
 # The sm90 section takes seconds when it works; a hang there (a GEMM waiting on a TMA barrier)
 # must leave time for the benchmark in one device call.
 SECTION_TIMEOUT = {"sm90": 150}
+MIN_SECTION_S = 20  # --deadline: a section that would start with less than this left is skipped
 
 
 def import_plugins():
@@ -782,7 +783,7 @@ def run_captured(cmd, timeout: float, env) -> tuple[str, int | str]:
         return partial, "timeout"
 
 
-def diagnose_sm90(env) -> None:
+def diagnose_sm90(env, seconds_left: float) -> None:
     """After the sm90 section failed: its tiny cases again, with every launch synchronous (so the
     enqueue's message names the step that faulted: gather, setup, GEMM1, silu, GEMM2), then under
     compute-sanitizer's memcheck where the toolkit has it. Output only; the verdict stands."""
@@ -798,7 +799,12 @@ def diagnose_sm90(env) -> None:
     if sanitizer:
         runs.append(("compute-sanitizer memcheck", [sanitizer, "--tool", "memcheck", "--print-limit", "20", *me], env,
                      120))  # fmt: skip
+    end = time.monotonic() + seconds_left
     for title, cmd, run_env, timeout in runs:
+        timeout = min(timeout, end - time.monotonic())
+        if timeout < MIN_SECTION_S:
+            print(f"\n=== sm90 diagnosis: {title}: skipped, out of time (--deadline) ===", flush=True)
+            continue
         print(f"\n=== sm90 diagnosis: {title} ===", flush=True)
         text, code = run_captured(cmd, timeout, run_env)
         if code == "timeout":  # what it printed before it hung says which case hung
@@ -809,12 +815,23 @@ def diagnose_sm90(env) -> None:
         print("(compute-sanitizer not found: memcheck skipped)", flush=True)
 
 
+def save_json(results, rows, out_of_time) -> None:
+    """$OUT/gpu_check.json (on the device machine, what comes back), when $OUT is set."""
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], "gpu_check.json").write_text(
+            json.dumps(dict(results=results, rows=rows, out_of_time=out_of_time), indent=1))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--build-only", action="store_true", help="build for this GPU's arch and print the path")
     ap.add_argument("--section", choices=SECTIONS + EXTRA_SECTIONS, help="run one section in this process")
     ap.add_argument("--skip", action="append", default=[], choices=SECTIONS, help="sections to leave out")
     ap.add_argument("--timeout", type=float, default=240, help="seconds per section [240]")
+    ap.add_argument("--deadline", type=float, default=540,
+                    help="seconds for the whole run, so it fits one device call: each section's limit is cut to "
+                         f"what is left, and a section that would start with under {MIN_SECTION_S} s left is "
+                         "skipped and named in the verdict [540]")  # fmt: skip
     args = ap.parse_args()
     if args.build_only:
         build, _, _ = import_plugins()
@@ -823,14 +840,21 @@ def main() -> int:
     if args.section:
         return run_section(args.section)
 
-    results, rows, crashed = [], [], []
+    results, rows, crashed, out_of_time = [], [], [], []
+    start = time.monotonic()
     env = dict(os.environ)
     for option, var in GATE_ENV.items():
         env.setdefault(var, f"0:the {option} section was skipped (--skip {option})")
     for name in (s for s in SECTIONS if s not in args.skip):
+        left = args.deadline - (time.monotonic() - start)
+        if left < MIN_SECTION_S:
+            print(f"\n=== section {name}: skipped, {max(left, 0):.0f} s of the {args.deadline:.0f} s deadline left ===",
+                  flush=True)  # fmt: skip
+            out_of_time.append(name)
+            continue
         print(f"\n=== section {name} ===", flush=True)
         cmd = [sys.executable, str(Path(__file__).resolve()), "--section", name]
-        timeout = min(args.timeout, SECTION_TIMEOUT.get(name, args.timeout))
+        timeout = min(args.timeout, SECTION_TIMEOUT.get(name, args.timeout), left)
         text, code = run_captured(cmd, timeout, env)
         summary = None
         for line in text.splitlines():
@@ -843,7 +867,7 @@ def main() -> int:
             failed = summary is None or skipped or not all(r["ok"] for r in summary["results"])
             env[GATE_ENV[name]] = f"0:{skipped or f'the {name} section crashed or failed'}" if failed else "1"
             if name == "sm90" and failed and not skipped:
-                diagnose_sm90(env)
+                diagnose_sm90(env, args.deadline - (time.monotonic() - start))
         if summary is None:
             crashed.append(name)
             results.append(dict(name=f"section {name} crashed (exit {code})", ok=False, err=None, note=""))
@@ -851,8 +875,8 @@ def main() -> int:
             results += summary["results"]
             rows += summary["rows"]
             print(f"--- {name}: {summary['seconds']} s", flush=True)
-    if os.environ.get("OUT"):
-        Path(os.environ["OUT"], "gpu_check.json").write_text(json.dumps(dict(results=results, rows=rows), indent=1))
+        save_json(results, rows, out_of_time)  # after every section: a run cut short keeps what it measured
+    save_json(results, rows, out_of_time)
     print_table(rows)
     failed = [r for r in results if not r["ok"]]
     errs = [r["err"] for r in results if r.get("err") is not None]
@@ -860,9 +884,11 @@ def main() -> int:
           f"{max(errs) if errs else float('nan'):.2e}")  # fmt: skip
     for r in failed:
         print(f"  FAILED {r['name']}: err={r.get('err')} {r.get('note', '')}")
-    verdict = "PASS" if not failed else "FAIL"
-    print(f"{verdict}: {len(results) - len(failed)} passed, {len(failed)} failed")
-    return 0 if not failed else 1
+    verdict = "FAIL" if failed else "INCOMPLETE" if out_of_time else "PASS"
+    late = f"; not run, out of time: {', '.join(out_of_time)}" if out_of_time else ""
+    print(f"{verdict}: {len(results) - len(failed)} passed, {len(failed)} failed{late} "
+          f"({time.monotonic() - start:.0f} s)")  # fmt: skip
+    return 0 if verdict == "PASS" else 1
 
 
 if __name__ == "__main__":

@@ -10,7 +10,10 @@
 # bring the library along:
 #   python -m mixtral_trt.plugins.build --arch 90a --out-dir build/gpu      # about a minute on 2 cores
 #   MIXTRAL_TRT_KERNELS_LIB=build/gpu/libmixtral_moe_top2.so bash scripts/gpu_check.sh
-# With $OUT set (the device machine), the log and a JSON of the results land there too.
+# With $OUT set (the device machine), the log and a JSON of the results land there too; the JSON
+# is rewritten after every section. The whole run keeps to --deadline seconds (540 by default, so
+# it fits a 10-minute call): sections that no longer fit are skipped and named, and the verdict is
+# INCOMPLETE. Arguments are passed to scripts/gpu_check.py (--skip NAME, --deadline S, ...).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1

@@ -3,6 +3,7 @@ bug in the script (its problems' routing, the failure diagnosis, the command lin
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -117,3 +118,32 @@ def test_pdl_summary_compares_like_with_like(gpu_check, capsys):
     assert "216.0 us ->    200.0 us with PDL (1.080x); 105% of H100 SXM bandwidth" in eager  # 704 MB in 200 us
     assert "210.0 us ->    196.0 us with PDL (1.071x)" in graph
     assert "(1.011x)" in prefill and "bandwidth" not in prefill
+
+
+def test_the_deadline_cuts_sections_and_says_so(gpu_check, monkeypatch, tmp_path, capsys):
+    """One device call has a fixed limit: sections share --deadline, each is cut to what is left,
+    the ones that no longer fit are named, and the JSON in $OUT is rewritten after every section."""
+    clock = [1000.0]
+    limits = {}
+
+    def fake_run(cmd, timeout, env):
+        name = cmd[cmd.index("--section") + 1]
+        limits[name] = timeout
+        clock[0] += 100.0  # every section takes 100 s
+        summary = dict(section=name, seconds=100.0, results=[dict(name=name, ok=True, err=None, note="")], rows=[],
+                       skipped=None)
+        return "@@SUMMARY " + json.dumps(summary), 0
+
+    monkeypatch.setattr(gpu_check, "run_captured", fake_run)
+    monkeypatch.setattr(gpu_check.time, "monotonic", lambda: clock[0])
+    monkeypatch.setenv("OUT", str(tmp_path))
+    monkeypatch.setattr(sys, "argv", ["gpu_check.py", "--deadline", "330", "--skip", "sm90"])
+    assert gpu_check.main() == 1
+    out = capsys.readouterr().out
+    ran = [s for s in gpu_check.SECTIONS if s != "sm90"][:4]  # 0, 100, 200, 300 s: the 4th starts with 30 s left
+    assert list(limits) == ran
+    assert limits[ran[0]] == 240 and limits[ran[3]] == 30  # --timeout, then what the deadline leaves
+    late = [s for s in gpu_check.SECTIONS if s not in ran and s != "sm90"]
+    assert f"INCOMPLETE: 4 passed, 0 failed; not run, out of time: {', '.join(late)}" in out
+    saved = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert [r["name"] for r in saved["results"]] == ran and saved["out_of_time"] == late
