@@ -147,3 +147,48 @@ def test_the_deadline_cuts_sections_and_says_so(gpu_check, monkeypatch, tmp_path
     assert f"INCOMPLETE: 4 passed, 0 failed; not run, out of time: {', '.join(late)}" in out
     saved = json.loads((tmp_path / "gpu_check.json").read_text())
     assert [r["name"] for r in saved["results"]] == ran and saved["out_of_time"] == late
+
+
+class _StandInKernels:
+    """kernels.py's surface that the pdl section uses, computing with the PyTorch reference on the
+    CPU: flags change nothing, so a correct section passes, and a corrupted output must fail it."""
+
+    FLAG_FORCE_DECODE, FLAG_FORCE_PREFILL, FLAG_PREFILL_SM90, FLAG_PDL = 1, 2, 4, 8
+    KernelError = RuntimeError
+
+    def __init__(self, corrupt_flag: int = 0):
+        self.corrupt_flag, self.calls = corrupt_flag, []
+
+    def moe_top2_torch(self, hidden, router, w13, w2, w13_scale=None, w2_scale=None, *, flags=0, out=None,
+                       workspace=None):
+        self.calls.append((hidden.shape[0], flags))
+        y = reference.moe_top2_reference(hidden, router, w13, w2, w13_scale, w2_scale)
+        if self.corrupt_flag and flags & self.corrupt_flag and hidden.shape[0] == 16:
+            y = y.clone()
+            y[-1, 0] += 1.0  # one element of one token: a bit-for-bit check sees it
+        if out is None:
+            return y
+        out.copy_(y)
+        return out
+
+
+@pytest.mark.parametrize("corrupt", [0, 8])
+def test_pdl_section_runs_end_to_end_on_a_stand_in(gpu_check, monkeypatch, corrupt):
+    """The pdl section's own logic (every comparison, the back-to-back run, the graph replays) on the
+    CPU against a stand-in library, so that a device run is not lost to a bug in the script."""
+    monkeypatch.setattr(gpu_check, "SMALL", dict(H=64, I=128, E=8))
+    monkeypatch.setattr(gpu_check, "pdl_unavailable", lambda kernels: None)
+    monkeypatch.setattr(gpu_check, "workspace_for", lambda kernels, p, flags=0: None)
+    make = gpu_check.make_problem
+    monkeypatch.setattr(gpu_check, "make_problem", lambda *a, **k: make(*a, **dict(k, device="cpu")))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(gpu_check, "graph_call", lambda kernels, p, ws, out, flags=0: (
+        lambda: kernels.moe_top2_torch(**p, out=out, workspace=ws, flags=flags)))
+    stand_in, results = _StandInKernels(corrupt), []
+    assert gpu_check.section_pdl(results, stand_in, reference) is None
+    failed = [r["name"] for r in results if not r["ok"]]
+    if corrupt:
+        assert failed and all("T=16" in name for name in failed)
+    else:
+        assert not failed and len(results) >= 70
+    assert any(flags & 8 for _, flags in stand_in.calls) and any(not flags & 8 for _, flags in stand_in.calls)
