@@ -22,6 +22,7 @@
 // device is sm_90 and whether this library holds the sm_90a image.
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdarg>
 #include <cstdint>
 #include <cstdio>
@@ -38,6 +39,13 @@
 
 #include "common.cuh"
 #include "prefill_sm90.h"
+
+// The ptr-array GEMMs rewrite each group's TMA descriptors on the device (tensormap.replace). Without
+// that (nvcc before 12.3), CUTLASS compiles the rewrite to a printf and the GEMMs would run on
+// placeholder descriptors: refuse to build such an sm_90a image.
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL) && !defined(CUTE_ARCH_DEVICE_MODIFIABLE_TMA_SM90_ENABLED)
+#error "prefill_sm90.cu needs device-modifiable TMA descriptors (CUDA 12.3 or newer) for its sm_90a image"
+#endif
 
 namespace moe {
 namespace {
@@ -231,6 +239,13 @@ int launch_failed(char* msg, size_t size, const char* what) {
                cudaGetErrorString(err));
 }
 
+// CUTLASS reports a failed cuTensorMapEncodeTiled only on stderr (its assert is compiled out) and
+// leaves that descriptor as it was: all zero, which a valid descriptor never is.
+bool blank(const cute::TmaDescriptor* d) {
+    const auto* b = reinterpret_cast<const unsigned char*>(d);
+    return std::all_of(b, b + sizeof(cute::TmaDescriptor), [](unsigned char c) { return c == 0; });
+}
+
 // A persistent grid of about one CTA per SM: enough blocks for the element-wise kernels.
 unsigned elementwise_blocks(size_t n, int sms) {
     const size_t want = (n + 255) / 256, most = static_cast<size_t>(sms) * 8;
@@ -262,6 +277,12 @@ int run_grouped(const GroupArrays<T>& g, int groups, void* ws, int device, int s
     if (K::initialize_workspace(args, ws, s) != cutlass::Status::kSuccess)
         return say(msg, size, cudaErrorUnknown, "sm90 prefill: CUTLASS could not initialise the workspace of %s", name);
     const typename K::Params params = K::to_underlying_arguments(args, ws);
+    if (blank(params.mainloop.tma_load_a.get_tma_descriptor()) || blank(params.mainloop.tma_load_b.get_tma_descriptor()) ||
+        blank(params.epilogue.tma_store_d.get_tma_descriptor()))
+        return say(msg, size, cudaErrorUnknown,
+                   "sm90 prefill: CUTLASS could not build the TMA descriptors of %s (cuTensorMapEncodeTiled failed; "
+                   "the reason is on stderr)",
+                   name);
     constexpr int smem = K::SharedStorageSize;
     const cudaError_t err = cudaFuncSetAttribute(cutlass::device_kernel<K>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     if (err != cudaSuccess) {

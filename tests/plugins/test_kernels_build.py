@@ -115,12 +115,15 @@ def test_build_is_cached_by_source_hash(library, tmp_path):
 
 
 def test_library_holds_the_cutlass_grouped_gemms_for_sm90a(library):
-    """prefill_sm90.cu was compiled (for sm_90a only) and linked in: its kernel launch stubs are there."""
+    """prefill_sm90.cu was compiled (for sm_90a only) and linked in: its kernel launch stubs are there,
+    and its GEMMs rewrite their TMA descriptors on the device (CUTLASS's fallback, a printf of this
+    message in place of the rewrite, is not in the library)."""
     import json
 
     record = json.loads((library.parent / "build.json").read_text())
     assert record["sm90_archs"] == ["90a"] and record["cutlass"].startswith("4.")
     assert "-gencode=arch=compute_90a,code=sm_90a" in record["commands"][1]
+    assert b"Using TMA Descriptor modification without" not in library.read_bytes()
     nm = shutil.which("nm")
     if nm is None:
         pytest.skip("nm not found")
@@ -229,7 +232,8 @@ def nvcc_sm90(archs, *args: str) -> list[str]:
 def test_sm90_workspace_region_holds_what_cutlass_asks_for(tmp_path):
     """CUTLASS's own host functions, compiled from prefill_sm90.cu with the library's flags and run
     on the CPU: for every SM count the path accepts (1..kSm90MaxSms) the grouped GEMMs' workspace
-    fits kSm90GemmWorkspaceBytes, and CUTLASS accepts device-only problem shapes (about a minute)."""
+    fits kSm90GemmWorkspaceBytes, and CUTLASS accepts device-only problem shapes (about a minute).
+    With no driver, CUTLASS cannot build the TMA descriptors: the path refuses to launch, naming them."""
     if shutil.which("nvcc") is None:
         pytest.skip("nvcc not found")
     probe = tmp_path / "sm90_host_probe"
@@ -243,6 +247,8 @@ def test_sm90_workspace_region_holds_what_cutlass_asks_for(tmp_path):
             line for line in done.stdout.splitlines() if line.startswith(dtype + " ")).split()[1:])  # fmt: skip
         assert 0 < int(facts["workspace_max"]) <= int(facts["reserved"])
         assert int(facts["smem"]) <= 227 * 1024 and int(facts["threads"]) == 384  # 3 warpgroups: cooperative
+    if not torch.cuda.is_available():
+        assert "could not build the TMA descriptors of GEMM1" in done.stdout
 
 
 def test_build_compiles_prefill_sm90_with_cutlass(tmp_path):

@@ -2,11 +2,13 @@
 // constants) for the workspace a grouped GEMM needs at each SM count the path accepts, and checks
 // that the workspace region moe_top2.h reserves (kSm90GemmWorkspaceBytes) holds it. Touches no
 // GPU: with an SM count given, get_workspace_size and can_implement are pure host functions.
-// Built by tests/plugins/test_kernels_build.py with the library's sm_90a flags; prints one line
-// per fact and exits 1 on a violation.
+// Then, where no GPU answers, checks that the path refuses to launch when CUTLASS could not build
+// its TMA descriptors. Built by tests/plugins/test_kernels_build.py with the library's sm_90a
+// flags; prints one line per fact and exits 1 on a violation.
 #include "../prefill_sm90.cu"
 
 #include <cstdio>
+#include <cstring>
 
 namespace {
 
@@ -40,10 +42,30 @@ int probe(const char* name) {
     return bad;
 }
 
+// Without a CUDA driver, CUTLASS cannot build the TMA descriptors (cuTensorMapEncodeTiled): the
+// path must then refuse before launching, not launch on blank descriptors. Only where no GPU
+// answers (with one, the descriptors build and the fake pointers below would reach a launch).
+int refuses_blank_descriptors() {
+    int devices = 0;
+    if (cudaGetDeviceCount(&devices) == cudaSuccess && devices > 0) {
+        std::printf("blank descriptors: skipped, a GPU is present\n");
+        return 0;
+    }
+    cudaGetLastError();
+    alignas(256) static char args[64 * 1024], gemm_ws[moe::kSm90GemmWorkspaceBytes];
+    char* p = args;
+    const auto g = moe::carve_groups<half>(p, 16);
+    char msg[512] = "";
+    const int rc = moe::run_grouped<half>(g, 16, gemm_ws, 0, 132, nullptr, msg, sizeof(msg), "GEMM1");
+    const bool ok = rc == cudaErrorUnknown && std::strstr(msg, "could not build the TMA descriptors of GEMM1");
+    std::printf("blank descriptors: rc=%d msg=%s\n", rc, msg);
+    return ok ? 0 : 1;
+}
+
 }  // namespace
 
 int main() {
-    const int bad = probe<half>("fp16") | probe<__nv_bfloat16>("bf16");
+    const int bad = probe<half>("fp16") | probe<__nv_bfloat16>("bf16") | refuses_blank_descriptors();
     std::printf(bad ? "sm90_host_probe: FAIL\n" : "sm90_host_probe: PASS\n");
     return bad;
 }
