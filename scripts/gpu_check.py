@@ -13,7 +13,8 @@ toolkit has it; every failed comparison prints where the output is wrong (rows n
 rows left zero, error by expert and by column block). The "pdl" section checks MOE_FLAG_PDL
 (programmatic dependent launch, sm_90+): bit-identical to a plain enqueue, eagerly, back to back on
 one workspace with changing token counts, and replayed from CUDA graphs; only then does the
-benchmark add "ours[pdl]" rows. The last section ("breakdown") profiles one-token decode (eager and
+benchmark add "ours[pdl]" rows. The "wide" section checks MOE_FLAG_PREFILL_WIDE (128x256
+mma.sync prefill tiles) the same way before "ours[wide]" rows are timed. The last section ("breakdown") profiles one-token decode (eager and
 as a CUDA graph, with and without PDL) and 2048-token prefill at Mixtral dims: each launch's time,
 their sum, and the gaps between dependent launches.
 
@@ -37,7 +38,8 @@ import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTIONS = ("decode", "prefill", "int8-decode", "int8-prefill", "special", "pdl", "sm90", "mixtral", "breakdown")
+SECTIONS = ("decode", "prefill", "int8-decode", "int8-prefill", "special", "pdl", "wide", "sm90", "mixtral",
+            "breakdown")
 EXTRA_SECTIONS = ("sanitize", "sm90-sanitize")  # a few tiny cases, to run under compute-sanitizer
 TOKENS = (1, 2, 3, 7, 16, 64, 65, 300, 1024, 4096)
 SMALL = dict(H=512, I=1024, E=8)
@@ -46,7 +48,7 @@ ROOFLINE = {"H100 SXM": (3.35e12, 989e12), "H200": (4.8e12, 989e12)}  # bytes/s,
 TOL = {"fp16": 1e-2, "bf16": 1e-2, "int8": 2e-2}
 # main -> the mixtral and breakdown sections: "1" bench this option, else "0:<why not>"; an option is
 # benchmarked only after its own section passed.
-GATE_ENV = {"sm90": "MIXTRAL_GPU_CHECK_SM90", "pdl": "MIXTRAL_GPU_CHECK_PDL"}
+GATE_ENV = {"sm90": "MIXTRAL_GPU_CHECK_SM90", "pdl": "MIXTRAL_GPU_CHECK_PDL", "wide": "MIXTRAL_GPU_CHECK_WIDE"}
 SM90_BENCH_TOKENS = (512, 2048, 4096)
 # The sm90 section takes seconds when it works; a hang there (a GEMM waiting on a TMA barrier)
 # must leave time for the benchmark in one device call.
@@ -277,6 +279,16 @@ def same_bits(name: str, got, want, results) -> bool:
     return ok
 
 
+def option_matches(tag: str, option: int, p, flags: int, wmode: str, results, kernels, reference) -> None:
+    """One enqueue with ``option`` added to ``flags``: against the reference, then bit for bit
+    against the same enqueue without it."""
+    T = p["hidden"].shape[0]
+    out = check(f"{tag} {wmode} T={T} flags={flags}", p, flags | option, wmode, results, kernels, reference)
+    if out is not None:
+        same_bits(f"{tag} {wmode} T={T} flags={flags} == without", out, kernels.moe_top2_torch(**p, flags=flags),
+                  results)  # fmt: skip
+
+
 def section_pdl(results, kernels, reference) -> str | None:
     """MOE_FLAG_PDL against the reference and bit for bit against the same enqueue without it:
     every path and weight mode, skewed routing, back-to-back enqueues on one workspace with token
@@ -291,11 +303,8 @@ def section_pdl(results, kernels, reference) -> str | None:
     for wmode in ("fp16", "bf16", "int8", "int8-bf16"):
         for T, flags in ((1, 0), (3, 0), (16, 0), (33, 0), (64, 0), (65, 0), (1024, 0), (300, kernels.FLAG_FORCE_DECODE),
                          (5, kernels.FLAG_FORCE_PREFILL)):  # fmt: skip
-            p = make_problem(T, **SMALL, wmode=wmode, seed=300 + T)
-            out = check(f"pdl {wmode} T={T} flags={flags}", p, flags | pdl, wmode, results, kernels, reference)
-            if out is not None:
-                same_bits(f"pdl {wmode} T={T} flags={flags} == without", out, kernels.moe_top2_torch(**p, flags=flags),
-                          results)  # fmt: skip
+            option_matches("pdl", pdl, make_problem(T, **SMALL, wmode=wmode, seed=300 + T), flags, wmode, results,
+                           kernels, reference)  # fmt: skip
     for routing in ("skew", "starve"):
         for T in (1, 65):
             p = make_problem(T, **SMALL, routing=routing, seed=7)
@@ -335,6 +344,35 @@ def section_pdl(results, kernels, reference) -> str | None:
         for i, (x, o) in enumerate(zip(fresh, got)):
             same_bits(f"pdl cuda graph T={T} replay {i} == eager without", o, kernels.moe_top2_torch(**dict(p, hidden=x)),
                       results)  # fmt: skip
+    return None
+
+
+# --- wide prefill tiles (MOE_FLAG_PREFILL_WIDE) --------------------------------------------------
+
+
+def wide_unavailable(kernels) -> str | None:
+    return None if hasattr(kernels, "FLAG_PREFILL_WIDE") else "this checkout's kernels.py has no FLAG_PREFILL_WIDE"
+
+
+def section_wide(results, kernels, reference) -> str | None:
+    """MOE_FLAG_PREFILL_WIDE against the reference and bit for bit against the default tiles: every
+    weight mode, T = 65…4096 and forced prefill of a few tokens, dims whose last wide tile overhangs
+    (H = 320, I = 192: multiples of 64, not of 128 or 256), skewed routing. Returns why skipped."""
+    why = wide_unavailable(kernels)
+    if why is not None:
+        print(f"skip wide: {why}", flush=True)
+        return why
+    wide, prefill = kernels.FLAG_PREFILL_WIDE, kernels.FLAG_FORCE_PREFILL
+    for wmode in ("fp16", "bf16", "int8", "int8-bf16"):
+        for T, flags in ((65, 0), (300, 0), (1024, 0), (4096, 0), (1, prefill), (7, prefill)):
+            option_matches("wide", wide, make_problem(T, **SMALL, wmode=wmode, seed=500 + T), flags, wmode, results,
+                           kernels, reference)  # fmt: skip
+        option_matches("wide H=320 I=192", wide, make_problem(300, 320, 192, 8, wmode=wmode, seed=501), 0, wmode,
+                       results, kernels, reference)  # fmt: skip
+    for routing in ("skew", "starve"):
+        for T in (65, 1024):
+            option_matches(f"wide {routing}", wide, make_problem(T, **SMALL, routing=routing, seed=7), 0, "fp16",
+                           results, kernels, reference)  # fmt: skip
     return None
 
 
@@ -412,7 +450,8 @@ def bench_reason(option: str, kernels) -> str | None:
     they benchmark them): its section failed or was skipped, or, run by hand, it cannot run here."""
     verdict = os.environ.get(GATE_ENV[option])
     if verdict is None:  # run as a single section by hand
-        return sm90_unavailable(kernels) if option == "sm90" else pdl_unavailable(kernels)
+        unavailable = {"sm90": sm90_unavailable, "pdl": pdl_unavailable, "wide": wide_unavailable}[option]
+        return unavailable(kernels)
     return None if verdict == "1" else verdict.removeprefix("0:")
 
 
@@ -508,11 +547,13 @@ def section_mixtral(results, kernels, reference, rows_out):
     for wmode, T in (("fp16", 1), ("fp16", 64), ("fp16", 512), ("int8-bf16", 1), ("int8-bf16", 512), ("bf16", 2048)):
         p = dict(problems[wmode], hidden=problems[wmode]["hidden"][:T].contiguous())
         check(f"Mixtral dims {wmode} T={T}", p, 0, wmode, results, kernels, reference)
-    no_sm90, no_pdl = bench_reason("sm90", kernels), bench_reason("pdl", kernels)
+    no_sm90, no_pdl, no_wide = (bench_reason(o, kernels) for o in ("sm90", "pdl", "wide"))
     if no_sm90 is not None:
         print(f"  sm90 rows left out: {no_sm90}", flush=True)
     if no_pdl is not None:
         print(f"  pdl rows left out: {no_pdl}", flush=True)
+    if no_wide is not None:
+        print(f"  wide rows left out: {no_wide}", flush=True)
     else:
         for wmode, T in (("fp16", 512), ("bf16", 2048)):
             p = dict(problems[wmode], hidden=problems[wmode]["hidden"][:T].contiguous())
@@ -538,6 +579,9 @@ def section_mixtral(results, kernels, reference, rows_out):
             replay = graph_call(kernels, p, ws, out) if small and wmode != "bf16" else None
             if replay is not None:
                 impls.append(("ours[cuda graph]", replay))
+            if no_wide is None and not small:
+                impls.append(("ours[wide]", lambda p=p, ws=ws, out=out: kernels.moe_top2_torch(
+                    **p, out=out, workspace=ws, flags=kernels.FLAG_PREFILL_WIDE)))  # fmt: skip
             if no_pdl is None and wmode != "bf16" and (small or T == 2048):
                 impls.append(("ours[pdl]", lambda p=p, ws=ws, out=out: kernels.moe_top2_torch(
                     **p, out=out, workspace=ws, flags=kernels.FLAG_PDL)))  # fmt: skip
@@ -637,6 +681,8 @@ def section_breakdown(kernels, rows_out):
 
     H, I, E = MIXTRAL["H"], MIXTRAL["I"], MIXTRAL["E"]
     cases = [("decode T=1", 1, 0, False), ("decode T=1 (cuda graph)", 1, 0, True), ("prefill T=2048", 2048, 0, False)]
+    if bench_reason("wide", kernels) is None:
+        cases.append(("prefill T=2048 wide", 2048, kernels.FLAG_PREFILL_WIDE, False))
     if bench_reason("pdl", kernels) is None:
         cases += [("decode T=1 pdl", 1, kernels.FLAG_PDL, False), ("decode T=1 pdl (cuda graph)", 1, kernels.FLAG_PDL, True)]
     if bench_reason("sm90", kernels) is None:
@@ -689,6 +735,8 @@ def run_section(name: str) -> int:
             section_special(results, kernels, reference)
         elif name == "pdl":
             skipped = section_pdl(results, kernels, reference)
+        elif name == "wide":
+            skipped = section_wide(results, kernels, reference)
         elif name == "sm90":
             skipped = section_sm90(results, kernels, reference)
         elif name == "mixtral":
@@ -735,7 +783,9 @@ def print_table(rows) -> None:
         print(f"{r['wmode']:9s} {r['T']:5d} {r['impl']:20s} {r['experts']:7d} {r['us']:10.1f} {r['gbs']:7.0f} "
               f"{bw100:5.0f}% {bw200:5.0f}% {r['tflops']:8.1f} {r['tflops'] / 989 * 100:4.0f}% {vs:>7s}")  # fmt: skip
     print_sm90_summary(rows)
-    print_pdl_summary(rows)
+    print_option_summary(rows, "programmatic dependent launch (> 1x: faster with MOE_FLAG_PDL)",
+                         {"ours[pdl]": "ours", "ours[pdl, cuda graph]": "ours[cuda graph]"})
+    print_option_summary(rows, "wide prefill tiles (> 1x: faster with MOE_FLAG_PREFILL_WIDE)", {"ours[wide]": "ours"})
 
 
 def print_sm90_summary(rows) -> None:
@@ -755,21 +805,24 @@ def print_sm90_summary(rows) -> None:
         print("\n".join(lines))
 
 
-def print_pdl_summary(rows) -> None:
-    """What MOE_FLAG_PDL buys: each pdl row against the same launch mode without it (and the
-    one-token decode target: 75% of H100 SXM's 3.35 TB/s for the selected experts' weights)."""
+def print_option_summary(rows, title: str, bases: dict[str, str]) -> None:
+    """What an option buys: each of its rows (``bases``: option impl -> the impl it is compared to)
+    against the same call without it; for decode sizes the share of H100 SXM's 3.35 TB/s that the
+    selected experts' weights reach (the one-token target is 75%), for prefill the share of 989
+    TFLOP/s (the 2048-token target is 50%)."""
     bench = {(r["wmode"], r["T"], r["impl"]): r for r in rows if r["kind"] == "bench"}
     lines = []
     for (wmode, T, impl), r in sorted(bench.items()):
-        base = {"ours[pdl]": "ours", "ours[pdl, cuda graph]": "ours[cuda graph]"}.get(impl)
+        base = bases.get(impl)
         if base is None or (wmode, T, base) not in bench:
             continue
         b = bench[(wmode, T, base)]
-        share = r["gbs"] * 1e9 / ROOFLINE["H100 SXM"][0] * 100
-        lines.append(f"  {wmode:9s} T={T:5d} {base:16s} {b['us']:8.1f} us -> {r['us']:8.1f} us with PDL "
-                     f"({b['us'] / r['us']:.3f}x)" + (f"; {share:.0f}% of H100 SXM bandwidth" if T <= 64 else ""))
+        share = (f"{r['gbs'] * 1e9 / ROOFLINE['H100 SXM'][0] * 100:.0f}% of H100 SXM bandwidth" if T <= 64
+                 else f"{r['tflops']:.0f} TFLOP/s = {r['tflops'] / 989 * 100:.0f}% of 989")  # fmt: skip
+        lines.append(f"  {wmode:9s} T={T:5d} {base:16s} {b['us']:8.1f} us -> {r['us']:8.1f} us "
+                     f"({b['us'] / r['us']:.3f}x); {share}")  # fmt: skip
     if lines:
-        print("\nprogrammatic dependent launch (> 1x: faster with MOE_FLAG_PDL):")
+        print(f"\n{title}:")
         print("\n".join(lines))
 
 

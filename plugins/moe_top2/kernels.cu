@@ -259,11 +259,14 @@ int validate(const MoeTop2Params* p, const void* workspace) {
     if (w8 && p->scale_dtype != MOE_DTYPE_FP16 && p->scale_dtype != MOE_DTYPE_FP32)
         return fail("scale_dtype=%d (%s); int8 weights need fp16 or fp32 scales", p->scale_dtype,
                     dtype_name(p->scale_dtype));
-    const int known = MOE_FLAG_FORCE_DECODE | MOE_FLAG_FORCE_PREFILL | MOE_FLAG_PREFILL_SM90 | MOE_FLAG_PDL;
+    const int known =
+        MOE_FLAG_FORCE_DECODE | MOE_FLAG_FORCE_PREFILL | MOE_FLAG_PREFILL_SM90 | MOE_FLAG_PDL | MOE_FLAG_PREFILL_WIDE;
     if ((p->flags & ~known) || (p->flags & MOE_FLAG_FORCE_DECODE && p->flags & MOE_FLAG_FORCE_PREFILL))
         return fail("flags=%d; expected a sum of at most one of %d (force decode) and %d (force prefill), and "
-                    "optionally %d (sm_90a prefill GEMMs) and %d (programmatic dependent launch)",
-                    p->flags, MOE_FLAG_FORCE_DECODE, MOE_FLAG_FORCE_PREFILL, MOE_FLAG_PREFILL_SM90, MOE_FLAG_PDL);
+                    "optionally %d (sm_90a prefill GEMMs), %d (programmatic dependent launch) and %d (wide prefill "
+                    "tiles)",
+                    p->flags, MOE_FLAG_FORCE_DECODE, MOE_FLAG_FORCE_PREFILL, MOE_FLAG_PREFILL_SM90, MOE_FLAG_PDL,
+                    MOE_FLAG_PREFILL_WIDE);
     const bool sm90 = p->flags & MOE_FLAG_PREFILL_SM90;
     if (sm90 && p->flags & MOE_FLAG_FORCE_DECODE)
         return fail("flags=%d: MOE_FLAG_PREFILL_SM90 (%d) selects prefill GEMMs; it cannot be combined with "
@@ -343,16 +346,24 @@ int decode_gemms(int nt, const GemmArgs& g1, const GemmArgs& g2, int slots, cons
     }
 }
 
-template <typename T, bool W8>
+template <typename T, bool W8, int BN>
 int prefill_gemms(const GemmArgs& g1, const GemmArgs& g2, int max_tiles, const Launch& launch) {
-    constexpr int smem = PrefillSmem<W8>::kBytes;
-    cudaError_t err = cudaFuncSetAttribute(prefill_gemm<T, W8, true>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    constexpr int smem = PrefillSmem<W8, BN>::kBytes;
+    cudaError_t err =
+        cudaFuncSetAttribute(prefill_gemm<T, W8, true, BN>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     if (err == cudaSuccess)
-        err = cudaFuncSetAttribute(prefill_gemm<T, W8, false>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+        err = cudaFuncSetAttribute(prefill_gemm<T, W8, false, BN>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     if (err != cudaSuccess) return launch_error(err);
-    if (int rc = launch(prefill_gemm<T, W8, true>, dim3(max_tiles, g1.N / (kBN / 2)), kPrefillThreads, smem, g1))
+    const int gate_tiles = (g1.N + BN / 2 - 1) / (BN / 2);  // GEMM1's tile holds BN / 2 gate and BN / 2 up rows
+    if (int rc = launch(prefill_gemm<T, W8, true, BN>, dim3(max_tiles, gate_tiles), kPrefillThreads, smem, g1))
         return rc;
-    return launch(prefill_gemm<T, W8, false>, dim3(max_tiles, (g2.N + kBN - 1) / kBN), kPrefillThreads, smem, g2);
+    return launch(prefill_gemm<T, W8, false, BN>, dim3(max_tiles, (g2.N + BN - 1) / BN), kPrefillThreads, smem, g2);
+}
+
+template <typename T, bool W8>
+int prefill_gemms(bool wide, const GemmArgs& g1, const GemmArgs& g2, int max_tiles, const Launch& launch) {
+    return wide ? prefill_gemms<T, W8, kBNWide>(g1, g2, max_tiles, launch)
+                : prefill_gemms<T, W8, kBN>(g1, g2, max_tiles, launch);
 }
 
 template <typename T>
@@ -400,7 +411,9 @@ int enqueue(const MoeTop2Params& p, char* ws, cudaStream_t s) {
         rc = w8 ? decode_gemms<T, true>(nt, g1, g2, slots, launch) : decode_gemms<T, false>(nt, g1, g2, slots, launch);
     } else {
         const int max_tiles = (A + kBM - 1) / kBM + E;
-        rc = w8 ? prefill_gemms<T, true>(g1, g2, max_tiles, launch) : prefill_gemms<T, false>(g1, g2, max_tiles, launch);
+        const bool wide = p.flags & MOE_FLAG_PREFILL_WIDE;
+        rc = w8 ? prefill_gemms<T, true>(wide, g1, g2, max_tiles, launch)
+                : prefill_gemms<T, false>(wide, g1, g2, max_tiles, launch);
     }
     if (rc) return rc;
     const size_t n8 = static_cast<size_t>(T_) * (H / 8);

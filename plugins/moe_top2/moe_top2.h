@@ -49,6 +49,11 @@ extern "C" {
  * ends, as without the flag. Accepted on every device; it changes nothing before sm_90 and on the
  * MOE_FLAG_PREFILL_SM90 path. Opt-in: not yet measured on a GPU. */
 #define MOE_FLAG_PDL 8
+/* The mma.sync prefill GEMMs use 128 x 256 CTA tiles (4 stages, one CTA per SM, 64 x 64 per warp)
+ * in place of 128 x 128 (3 stages, two CTAs per SM, 64 x 32 per warp): fewer shared-memory reads
+ * per mma. Every output element sums its k in the same order, so the results are bit-identical.
+ * No effect on the decode path or with MOE_FLAG_PREFILL_SM90. Opt-in: not yet measured on a GPU. */
+#define MOE_FLAG_PREFILL_WIDE 16
 
 /* Tokens up to which the memory-bound decode path is chosen automatically (measured crossover
  * with the tensor-core path on an H200 at Mixtral dims: between 32 and 64 tokens for fp16/bf16

@@ -62,7 +62,8 @@ def test_command_line_help_needs_no_gpu():
     assert done.returncode == 0, done.stderr
     for option in ("--build-only", "--section", "--skip", "--timeout"):
         assert option in done.stdout
-    assert "sm90-sanitize" in done.stdout and "breakdown" in done.stdout and "pdl" in done.stdout
+    for section in ("sm90-sanitize", "breakdown", "pdl", "wide"):
+        assert section in done.stdout
 
 
 def test_kernel_names_are_shortened(gpu_check):
@@ -103,21 +104,22 @@ def test_options_are_benchmarked_only_after_their_section_passed(gpu_check, monk
         assert gpu_check.bench_reason(option, kernels=None) == f"the {option} section crashed or failed"
 
 
-def test_pdl_summary_compares_like_with_like(gpu_check, capsys):
+def test_option_summary_compares_like_with_like(gpu_check, capsys):
     def row(T, impl, us):
         gbs = 704e6 / (us * 1e-6) / 1e9
-        return dict(kind="bench", wmode="fp16", T=T, impl=impl, us=us, experts=2, gbs=gbs, tflops=1.0, vs_ours=None)
+        return dict(kind="bench", wmode="fp16", T=T, impl=impl, us=us, experts=2, gbs=gbs, tflops=4946.0 / us,
+                    vs_ours=None)  # fmt: skip
 
     rows = [row(1, "ours", 216.0), row(1, "ours[pdl]", 200.0), row(1, "ours[cuda graph]", 210.0),
-            row(1, "ours[pdl, cuda graph]", 196.0), row(2048, "ours", 9000.0), row(2048, "ours[pdl]", 8900.0),
-            row(4, "ours[pdl]", 300.0)]  # no plain row at T=4: nothing to compare
-    gpu_check.print_pdl_summary(rows)
+            row(1, "ours[pdl, cuda graph]", 196.0), row(2048, "ours", 9.0), row(2048, "ours[pdl]", 8.9),
+            row(4, "ours[pdl]", 300.0), row(2048, "ours[wide]", 10.0)]  # no plain row at T=4: nothing to compare
+    gpu_check.print_option_summary(rows, "pdl", {"ours[pdl]": "ours", "ours[pdl, cuda graph]": "ours[cuda graph]"})
     lines = [ln for ln in capsys.readouterr().out.splitlines() if "->" in ln]
-    assert len(lines) == 3
+    assert len(lines) == 3  # the wide row is not a pdl row
     eager, graph, prefill = (next(ln for ln in lines if key in ln) for key in (" ours  ", "graph", "T= 2048"))
-    assert "216.0 us ->    200.0 us with PDL (1.080x); 105% of H100 SXM bandwidth" in eager  # 704 MB in 200 us
-    assert "210.0 us ->    196.0 us with PDL (1.071x)" in graph
-    assert "(1.011x)" in prefill and "bandwidth" not in prefill
+    assert "216.0 us ->    200.0 us (1.080x); 105% of H100 SXM bandwidth" in eager  # 704 MB in 200 us
+    assert "210.0 us ->    196.0 us (1.071x)" in graph
+    assert "(1.011x); 556 TFLOP/s = 56% of 989" in prefill and "bandwidth" not in prefill
 
 
 def test_the_deadline_cuts_sections_and_says_so(gpu_check, monkeypatch, tmp_path, capsys):
@@ -153,7 +155,7 @@ class _StandInKernels:
     """kernels.py's surface that the pdl section uses, computing with the PyTorch reference on the
     CPU: flags change nothing, so a correct section passes, and a corrupted output must fail it."""
 
-    FLAG_FORCE_DECODE, FLAG_FORCE_PREFILL, FLAG_PREFILL_SM90, FLAG_PDL = 1, 2, 4, 8
+    FLAG_FORCE_DECODE, FLAG_FORCE_PREFILL, FLAG_PREFILL_SM90, FLAG_PDL, FLAG_PREFILL_WIDE = 1, 2, 4, 8, 16
     KernelError = RuntimeError
 
     def __init__(self, corrupt_flag: int = 0):
@@ -163,7 +165,7 @@ class _StandInKernels:
                        workspace=None):
         self.calls.append((hidden.shape[0], flags))
         y = reference.moe_top2_reference(hidden, router, w13, w2, w13_scale, w2_scale)
-        if self.corrupt_flag and flags & self.corrupt_flag and hidden.shape[0] == 16:
+        if self.corrupt_flag and flags & self.corrupt_flag and hidden.shape[0] in (16, 300):
             y = y.clone()
             y[-1, 0] += 1.0  # one element of one token: a bit-for-bit check sees it
         if out is None:
@@ -172,10 +174,11 @@ class _StandInKernels:
         return out
 
 
-@pytest.mark.parametrize("corrupt", [0, 8])
-def test_pdl_section_runs_end_to_end_on_a_stand_in(gpu_check, monkeypatch, corrupt):
-    """The pdl section's own logic (every comparison, the back-to-back run, the graph replays) on the
-    CPU against a stand-in library, so that a device run is not lost to a bug in the script."""
+@pytest.mark.parametrize("section,corrupt", [("pdl", 0), ("pdl", 8), ("wide", 0), ("wide", 16)])
+def test_option_sections_run_end_to_end_on_a_stand_in(gpu_check, monkeypatch, section, corrupt):
+    """The pdl and wide sections' own logic (every comparison; for pdl the back-to-back run and the
+    graph replays) on the CPU against a stand-in library, so that a device run is not lost to a bug
+    in the script; a stand-in whose output with the option differs for 16 or 300 tokens fails them."""
     monkeypatch.setattr(gpu_check, "SMALL", dict(H=64, I=128, E=8))
     monkeypatch.setattr(gpu_check, "pdl_unavailable", lambda kernels: None)
     monkeypatch.setattr(gpu_check, "workspace_for", lambda kernels, p, flags=0: None)
@@ -185,10 +188,11 @@ def test_pdl_section_runs_end_to_end_on_a_stand_in(gpu_check, monkeypatch, corru
     monkeypatch.setattr(gpu_check, "graph_call", lambda kernels, p, ws, out, flags=0: (
         lambda: kernels.moe_top2_torch(**p, out=out, workspace=ws, flags=flags)))
     stand_in, results = _StandInKernels(corrupt), []
-    assert gpu_check.section_pdl(results, stand_in, reference) is None
+    option = {"pdl": 8, "wide": 16}[section]
+    assert getattr(gpu_check, f"section_{section}")(results, stand_in, reference) is None
     failed = [r["name"] for r in results if not r["ok"]]
     if corrupt:
-        assert failed and all("T=16" in name for name in failed)
+        assert failed and all("T=16" in name or "T=300" in name for name in failed)
     else:
-        assert not failed and len(results) >= 70
-    assert any(flags & 8 for _, flags in stand_in.calls) and any(not flags & 8 for _, flags in stand_in.calls)
+        assert not failed and len(results) >= 50
+    assert any(flags & option for _, flags in stand_in.calls) and any(not flags & option for _, flags in stand_in.calls)
