@@ -7,9 +7,9 @@ sections still report). Prints a PASS/FAIL summary and exits non-zero on any fai
 The sm_90a prefill path (MOE_FLAG_PREFILL_SM90, CUTLASS grouped GEMMs) has its own section and
 benchmark rows ("ours[sm90]"); both are skipped, with the reason printed, unless the device is
 sm_90 and the library holds the path. Its rows are benchmarked only after its section passed.
-If that section fails, its tiny cases run again with synchronous launches (the error then names
-the step: gather, setup, GEMM1, silu, GEMM2) and under compute-sanitizer's memcheck where the
-toolkit has it; every failed comparison prints where the output is wrong (rows never written,
+If that section fails, its tiny cases run again, after the benchmark and within the deadline, with
+synchronous launches (the error then names the step: gather, setup, GEMM1, silu, GEMM2) and under
+compute-sanitizer's memcheck where the toolkit has it; every failed comparison prints where the output is wrong (rows never written,
 rows left zero, error by expert and by column block). The "pdl" section checks MOE_FLAG_PDL
 (programmatic dependent launch, sm_90+): bit-identical to a plain enqueue, eagerly, back to back on
 one workspace with changing token counts, and replayed from CUDA graphs; only then does the
@@ -893,7 +893,7 @@ def main() -> int:
     if args.section:
         return run_section(args.section)
 
-    results, rows, crashed, out_of_time = [], [], [], []
+    results, rows, crashed, out_of_time, diagnose = [], [], [], [], False
     start = time.monotonic()
     env = dict(os.environ)
     for option, var in GATE_ENV.items():
@@ -919,8 +919,7 @@ def main() -> int:
             skipped = summary["skipped"] if summary else None
             failed = summary is None or skipped or not all(r["ok"] for r in summary["results"])
             env[GATE_ENV[name]] = f"0:{skipped or f'the {name} section crashed or failed'}" if failed else "1"
-            if name == "sm90" and failed and not skipped:
-                diagnose_sm90(env, args.deadline - (time.monotonic() - start))
+            diagnose = diagnose or (name == "sm90" and failed and not skipped)
         if summary is None:
             crashed.append(name)
             results.append(dict(name=f"section {name} crashed (exit {code})", ok=False, err=None, note=""))
@@ -930,6 +929,8 @@ def main() -> int:
             print(f"--- {name}: {summary['seconds']} s", flush=True)
         save_json(results, rows, out_of_time)  # after every section: a run cut short keeps what it measured
     save_json(results, rows, out_of_time)
+    if diagnose:  # after the benchmark, so that a hang being diagnosed costs no measurements
+        diagnose_sm90(env, args.deadline - (time.monotonic() - start))
     print_table(rows)
     failed = [r for r in results if not r["ok"]]
     errs = [r["err"] for r in results if r.get("err") is not None]
