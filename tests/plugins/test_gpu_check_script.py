@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from mixtral_trt.plugins import reference
+from mixtral_trt.plugins import kernels, reference
 
 from tests.conftest import load_module
 
@@ -157,6 +157,7 @@ class _StandInKernels:
 
     FLAG_FORCE_DECODE, FLAG_FORCE_PREFILL, FLAG_PREFILL_SM90, FLAG_PDL, FLAG_PREFILL_WIDE = 1, 2, 4, 8, 16
     KernelError = RuntimeError
+    decode_path = staticmethod(kernels.decode_path)
 
     def __init__(self, corrupt_flag: int = 0):
         self.corrupt_flag, self.calls = corrupt_flag, []
@@ -218,3 +219,66 @@ def test_a_failed_sm90_section_is_diagnosed_after_the_benchmark(gpu_check, monke
     assert gpu_check.main() == 1
     assert order == [*gpu_check.SECTIONS, "diagnosis"]
     assert "FAIL: 9 passed, 1 failed" in capsys.readouterr().out
+
+
+def _on_the_cpu(gpu_check, monkeypatch):
+    """The script's GPU calls replaced so its sections run here: tiny dims, CPU tensors, a fixed
+    ceiling, one call per timing (100 us), graphs replayed as plain calls."""
+    monkeypatch.setattr(gpu_check, "MIXTRAL", dict(H=64, I=128, E=8))
+    make = gpu_check.make_problem
+    monkeypatch.setattr(gpu_check, "make_problem", lambda *a, **k: make(*a, **dict(k, device="cpu")))
+    monkeypatch.setattr(gpu_check, "workspace_for", lambda kernels, p, flags=0: None)
+    monkeypatch.setattr(gpu_check, "ceilings", lambda: (4.28e12, 700e12))
+    monkeypatch.setattr(gpu_check, "bench", lambda fn, warmup, reps: (fn(), 100.0)[1])
+    monkeypatch.setattr(gpu_check, "graph_call", lambda kernels, p, ws, out, flags=0: (
+        lambda: kernels.moe_top2_torch(**p, out=out, workspace=ws, flags=flags)))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "stand-in GPU")
+    for var in gpu_check.GATE_ENV.values():  # every option's section passed
+        monkeypatch.setenv(var, "1")
+
+
+def test_mixtral_section_times_every_option_on_a_stand_in(gpu_check, monkeypatch, capsys):
+    """The benchmark section end to end on the CPU (the script's most valuable minutes on a
+    device): its checks pass on a correct library, every option's rows are there, and the table
+    and the summaries print."""
+    _on_the_cpu(gpu_check, monkeypatch)
+    results, rows = [], []
+    gpu_check.section_mixtral(results, _StandInKernels(), reference, rows)
+    assert results and all(r["ok"] for r in results)
+    impls = {(r["impl"], r["T"]) for r in rows if r["kind"] == "bench"}
+    for impl, T in [("ours", 1), ("ours[cuda graph]", 1), ("ours[pdl]", 1), ("ours[pdl, cuda graph]", 64),
+                    ("ours[pdl]", 2048), ("ours[wide]", 2048), ("ours[sm90]", 2048), ("torch loop", 4096),
+                    ("ours[prefill path]", 16), ("ours[decode path]", 64)]:  # fmt: skip
+        assert (impl, T) in impls, (impl, T)
+    assert ("ours[wide]", 64) not in impls and ("ours[sm90]", 64) not in impls
+    gpu_check.print_table(rows)
+    out = capsys.readouterr().out
+    assert "stand-in GPU" in out and "sm90 path (speed-up > 1" in out
+    assert "programmatic dependent launch" in out and "wide prefill tiles" in out
+
+
+def test_breakdown_section_prints_gaps_and_overlaps_on_a_stand_in(gpu_check, monkeypatch, capsys):
+    _on_the_cpu(gpu_check, monkeypatch)
+    monkeypatch.setattr(gpu_check, "MIXTRAL", dict(H=64, I=128, E=8))
+
+    def fake_profile(fn, calls=5):
+        fn()
+        events = []
+        for c in range(calls):  # two launches per call; the second starts before the first ends
+            events += [dict(name="void moe::router_kernel<__half, __half>(x)", ts=100.0 * c, dur=10.0),
+                       dict(name="void moe::combine_kernel<__half, false>(y)", ts=100.0 * c + 8.0, dur=4.0)]
+        return events
+
+    monkeypatch.setattr(gpu_check, "profile_calls", fake_profile)
+    rows = []
+    gpu_check.section_breakdown(_StandInKernels(), rows)
+    out = capsys.readouterr().out
+    cases = [r["case"] for r in rows]
+    assert {"decode T=1", "decode T=1 pdl (cuda graph)", "prefill T=2048 wide", "prefill T=2048 sm90"} <= set(cases)
+    assert "kernels 14.0 us, first start to last end 12.0 us, overlap 2.0 us" in out
+
+
+def test_the_stand_in_speaks_the_bindings_flags():
+    for flag in ("FLAG_FORCE_DECODE", "FLAG_FORCE_PREFILL", "FLAG_PREFILL_SM90", "FLAG_PDL", "FLAG_PREFILL_WIDE"):
+        assert getattr(_StandInKernels, flag) == getattr(kernels, flag), flag
