@@ -4,6 +4,7 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_runtime.h>
 #include <stdint.h>
 
 namespace moe {
@@ -150,6 +151,27 @@ __device__ __forceinline__ float silu(float x) { return x / (1.0f + __expf(-x));
 
 __device__ __forceinline__ float load_scale(const void* s, size_t i, bool fp32) {
     return fp32 ? static_cast<const float*>(s)[i] : __half2float(static_cast<const half*>(s)[i]);
+}
+
+// One launch on stream s; with pdl, as a programmatic dependent of the previous launch there (see
+// pdl_wait). Returns this launch's own error, never one left over from an earlier call, and clears
+// it (a launch error is not sticky).
+template <typename... Params, typename... Args>
+cudaError_t launch_kernel(bool pdl, void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t s,
+                          Args... args) {
+    cudaLaunchAttribute attr{};
+    attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr.val.programmaticStreamSerializationAllowed = 1;
+    cudaLaunchConfig_t cfg{};
+    cfg.gridDim = grid;
+    cfg.blockDim = block;
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = s;
+    cfg.attrs = pdl ? &attr : nullptr;
+    cfg.numAttrs = pdl ? 1 : 0;
+    const cudaError_t err = cudaLaunchKernelEx(&cfg, kernel, static_cast<Params>(args)...);
+    if (err != cudaSuccess) cudaGetLastError();
+    return err;
 }
 
 // Arguments shared by the decode and prefill expert GEMMs. GEMM1 (gated): x = hidden gathered

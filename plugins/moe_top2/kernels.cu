@@ -293,30 +293,18 @@ int validate(const MoeTop2Params* p, const void* workspace) {
 }
 
 int launch_error(cudaError_t err) {
-    cudaGetLastError();  // a launch error is not sticky: leave none behind for the caller's next check
     snprintf(g_error, sizeof(g_error), "kernel launch failed: %s (%s)", cudaGetErrorName(err),
              cudaGetErrorString(err));
     return static_cast<int>(err);
 }
 
-// One launch on L.stream; with L.pdl, as a programmatic dependent of the previous launch there
-// (the kernel may start while that one drains; it waits for it with pdl_wait, common.cuh).
+// The enqueue's launches: all on one stream, all with or all without PDL (common.cuh).
 struct Launch {
     cudaStream_t stream;
     bool pdl;
     template <typename... Params, typename... Args>
     int operator()(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, Args... args) const {
-        cudaLaunchAttribute attr{};
-        attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-        attr.val.programmaticStreamSerializationAllowed = 1;
-        cudaLaunchConfig_t cfg{};
-        cfg.gridDim = grid;
-        cfg.blockDim = block;
-        cfg.dynamicSmemBytes = smem;
-        cfg.stream = stream;
-        cfg.attrs = pdl ? &attr : nullptr;
-        cfg.numAttrs = pdl ? 1 : 0;
-        const cudaError_t err = cudaLaunchKernelEx(&cfg, kernel, static_cast<Params>(args)...);
+        const cudaError_t err = launch_kernel(pdl, kernel, grid, block, smem, stream, args...);
         return err == cudaSuccess ? 0 : launch_error(err);
     }
 };
@@ -353,7 +341,10 @@ int prefill_gemms(const GemmArgs& g1, const GemmArgs& g2, int max_tiles, const L
         cudaFuncSetAttribute(prefill_gemm<T, W8, true, BN>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     if (err == cudaSuccess)
         err = cudaFuncSetAttribute(prefill_gemm<T, W8, false, BN>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-    if (err != cudaSuccess) return launch_error(err);
+    if (err != cudaSuccess) {
+        cudaGetLastError();
+        return launch_error(err);
+    }
     const int gate_tiles = (g1.N + BN / 2 - 1) / (BN / 2);  // GEMM1's tile holds BN / 2 gate and BN / 2 up rows
     if (int rc = launch(prefill_gemm<T, W8, true, BN>, dim3(max_tiles, gate_tiles), kPrefillThreads, smem, g1))
         return rc;

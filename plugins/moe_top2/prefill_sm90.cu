@@ -232,8 +232,7 @@ int say(char* msg, size_t size, int code, const char* fmt, ...) {
     return code;
 }
 
-int launch_failed(char* msg, size_t size, const char* what) {
-    const cudaError_t err = cudaGetLastError();
+int launch_failed(char* msg, size_t size, const char* what, cudaError_t err) {
     if (err == cudaSuccess) return 0;
     return say(msg, size, static_cast<int>(err), "sm90 prefill: %s launch failed: %s (%s)", what, cudaGetErrorName(err),
                cudaGetErrorString(err));
@@ -277,7 +276,8 @@ int run_grouped(const GroupArrays<T>& g, int groups, void* ws, int device, int s
     if (K::initialize_workspace(args, ws, s) != cutlass::Status::kSuccess)
         return say(msg, size, cudaErrorUnknown, "sm90 prefill: CUTLASS could not initialise the workspace of %s", name);
     const typename K::Params params = K::to_underlying_arguments(args, ws);
-    if (blank(params.mainloop.tma_load_a.get_tma_descriptor()) || blank(params.mainloop.tma_load_b.get_tma_descriptor()) ||
+    const auto& ml = params.mainloop;
+    if (blank(ml.tma_load_a.get_tma_descriptor()) || blank(ml.tma_load_b.get_tma_descriptor()) ||
         blank(params.epilogue.tma_store_d.get_tma_descriptor()))
         return say(msg, size, cudaErrorUnknown,
                    "sm90 prefill: CUTLASS could not build the TMA descriptors of %s (cuTensorMapEncodeTiled failed; "
@@ -290,8 +290,9 @@ int run_grouped(const GroupArrays<T>& g, int groups, void* ws, int device, int s
         return say(msg, size, static_cast<int>(err), "sm90 prefill: %d bytes of shared memory for %s: %s", smem, name,
                    cudaGetErrorName(err));
     }
-    cutlass::device_kernel<K><<<K::get_grid_shape(params), K::get_block_shape(), smem, s>>>(params);
-    return launch_failed(msg, size, name);
+    const dim3 grid = K::get_grid_shape(params), block = K::get_block_shape();
+    const cudaError_t launched = launch_kernel(false, cutlass::device_kernel<K>, grid, block, smem, s, params);
+    return launch_failed(msg, size, name, launched);
 }
 
 template <typename T>
@@ -309,22 +310,24 @@ int run_path(const Sm90PrefillArgs& p, cudaStream_t s, char* msg, size_t size) {
     T* act = static_cast<T*>(p.act);
     T* up = static_cast<T*>(p.up);
 
-    gather_rows_kernel<T><<<elementwise_blocks(static_cast<size_t>(A) * (H / 8), sms), 256, 0, s>>>(
-        static_cast<const T*>(p.hidden_states), p.perm, A, H, y, p.row_of);
-    if (int rc = launch_failed(msg, size, "gather")) return rc;
+    const unsigned gather_blocks = elementwise_blocks(static_cast<size_t>(A) * (H / 8), sms);
+    const cudaError_t gathered = launch_kernel(false, gather_rows_kernel<T>, gather_blocks, 256, 0, s,
+                                               static_cast<const T*>(p.hidden_states), p.perm, A, H, y, p.row_of);
+    if (int rc = launch_failed(msg, size, "gather", gathered)) return rc;
 
     char* cursor = static_cast<char*>(p.args);
     const GroupArrays<T> g1 = carve_groups<T>(cursor, 2 * E), g2 = carve_groups<T>(cursor, E);
     if (static_cast<size_t>(cursor - static_cast<char*>(p.args)) > sm90_args_bytes(E))
         return say(msg, size, cudaErrorInvalidValue, "sm90 prefill: group arguments overflow sm90_args_bytes(%d)", E);
-    setup_groups_kernel<T><<<1, 256, 0, s>>>(g1, g2, p.offsets, E, H, I, y, static_cast<const T*>(p.w13),
-                                             static_cast<const T*>(p.w2), act, up, y);
-    if (int rc = launch_failed(msg, size, "setup")) return rc;
+    const cudaError_t set_up = launch_kernel(false, setup_groups_kernel<T>, 1, 256, 0, s, g1, g2, p.offsets, E, H, I, y,
+                                             static_cast<const T*>(p.w13), static_cast<const T*>(p.w2), act, up, y);
+    if (int rc = launch_failed(msg, size, "setup", set_up)) return rc;
 
     if (int rc = run_grouped<T>(g1, 2 * E, p.gemm_ws, device, sms, s, msg, size, "GEMM1 (gate, up)")) return rc;
     const size_t n8 = static_cast<size_t>(A) * I / 8;
-    silu_mul_kernel<T><<<elementwise_blocks(n8, sms), 256, 0, s>>>(act, up, n8);
-    if (int rc = launch_failed(msg, size, "silu(gate) * up")) return rc;
+    const cudaError_t mul =
+        launch_kernel(false, silu_mul_kernel<T>, elementwise_blocks(n8, sms), 256, 0, s, act, up, n8);
+    if (int rc = launch_failed(msg, size, "silu(gate) * up", mul)) return rc;
     return run_grouped<T>(g2, E, p.gemm_ws, device, sms, s, msg, size, "GEMM2 (down)");
 }
 
