@@ -13,7 +13,8 @@ compute-sanitizer's memcheck where the toolkit has it; every failed comparison p
 rows left zero, error by expert and by column block). The "pdl" section checks MOE_FLAG_PDL
 (programmatic dependent launch, sm_90+): bit-identical to a plain enqueue, eagerly, back to back on
 one workspace with changing token counts, and replayed from CUDA graphs; only then does the
-benchmark add "ours[pdl]" rows. The "wide" section checks MOE_FLAG_PREFILL_WIDE (128x256
+benchmark add "ours[pdl]" rows. The "decode-combine" section checks MOE_FLAG_DECODE_COMBINE (GEMM2
+applies the combine: four launches), alone and with PDL, before its rows. The "wide" section checks MOE_FLAG_PREFILL_WIDE (128x256
 mma.sync prefill tiles) the same way before "ours[wide]" rows are timed. The last section ("breakdown") profiles one-token decode (eager and
 as a CUDA graph, with and without PDL) and 2048-token prefill at Mixtral dims: each launch's time,
 their sum, and the gaps between dependent launches.
@@ -38,8 +39,8 @@ import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTIONS = ("decode", "prefill", "int8-decode", "int8-prefill", "special", "pdl", "wide", "sm90", "mixtral",
-            "breakdown")
+SECTIONS = ("decode", "prefill", "int8-decode", "int8-prefill", "special", "pdl", "decode-combine", "wide", "sm90",
+            "mixtral", "breakdown")
 EXTRA_SECTIONS = ("sanitize", "sm90-sanitize")  # a few tiny cases, to run under compute-sanitizer
 TOKENS = (1, 2, 3, 7, 16, 64, 65, 300, 1024, 4096)
 SMALL = dict(H=512, I=1024, E=8)
@@ -48,7 +49,8 @@ ROOFLINE = {"H100 SXM": (3.35e12, 989e12), "H200": (4.8e12, 989e12)}  # bytes/s,
 TOL = {"fp16": 1e-2, "bf16": 1e-2, "int8": 2e-2}
 # main -> the mixtral and breakdown sections: "1" bench this option, else "0:<why not>"; an option is
 # benchmarked only after its own section passed.
-GATE_ENV = {"sm90": "MIXTRAL_GPU_CHECK_SM90", "pdl": "MIXTRAL_GPU_CHECK_PDL", "wide": "MIXTRAL_GPU_CHECK_WIDE"}
+GATE_ENV = {"sm90": "MIXTRAL_GPU_CHECK_SM90", "pdl": "MIXTRAL_GPU_CHECK_PDL", "wide": "MIXTRAL_GPU_CHECK_WIDE",
+            "decode-combine": "MIXTRAL_GPU_CHECK_DECODE_COMBINE"}
 SM90_BENCH_TOKENS = (512, 2048, 4096)
 # The sm90 section takes seconds when it works; a hang there (a GEMM waiting on a TMA barrier)
 # must leave time for the benchmark in one device call.
@@ -310,29 +312,42 @@ def section_pdl(results, kernels, reference) -> str | None:
             p = make_problem(T, **SMALL, routing=routing, seed=7)
             check(f"pdl {routing} fp16 T={T}", p, pdl, "fp16", results, kernels, reference)
 
-    # Back to back on one workspace, no synchronisation between: each enqueue's first kernels may
-    # start while the previous enqueue's last ones drain, over regions at other offsets.
-    seq = (1, 16, 300, 1, 64, 2048, 3, 1)
+    back_to_back_match("pdl", pdl, results, kernels)
+    graphs_match("pdl", pdl, results, kernels)
+    return None
+
+
+def back_to_back_match(tag: str, flags: int, results, kernels, seq=(1, 16, 300, 1, 64, 2048, 3, 1)) -> None:
+    """Enqueues with ``flags`` back to back on one workspace, no synchronisation between: each one's
+    first kernels may start while the previous one's last drain, over regions at other offsets
+    (the token count changes). Each output bit for bit against the same problem alone, plainly."""
+    import torch
+
     problems = [make_problem(T, **SMALL, wmode="fp16", seed=400 + i) for i, T in enumerate(seq)]
     ws = workspace_for(kernels, problems[seq.index(max(seq))])
     outs = [torch.full_like(q["hidden"], float("nan")) for q in problems]
     torch.cuda.synchronize()
     for q, out in zip(problems, outs):
-        kernels.moe_top2_torch(**q, out=out, workspace=ws, flags=pdl)
+        kernels.moe_top2_torch(**q, out=out, workspace=ws, flags=flags)
     torch.cuda.synchronize()
     for i, (q, out) in enumerate(zip(problems, outs)):
-        same_bits(f"pdl back to back #{i} T={seq[i]} == alone", out, kernels.moe_top2_torch(**q), results)
+        same_bits(f"{tag} back to back #{i} T={seq[i]} == alone", out, kernels.moe_top2_torch(**q), results)
 
-    # CUDA graphs: capture with the flag, replay three times on fresh inputs without synchronising.
+
+def graphs_match(tag: str, flags: int, results, kernels) -> None:
+    """CUDA graphs captured with ``flags``, each replayed three times on fresh inputs without
+    synchronising: every replay bit for bit against a plain eager enqueue."""
+    import torch
+
     for T in (1, 4, 64):
         p = make_problem(T, **SMALL, wmode="fp16", seed=13)
         static_in = p["hidden"].clone()
         q = dict(p, hidden=static_in)
         ws = workspace_for(kernels, q)
         out = torch.empty_like(static_in)
-        replay = graph_call(kernels, q, ws, out, flags=pdl)
+        replay = graph_call(kernels, q, ws, out, flags=flags)
         if replay is None:
-            results.append(dict(name=f"pdl cuda graph T={T}", ok=False, err=None, note="capture failed"))
+            results.append(dict(name=f"{tag} cuda graph T={T}", ok=False, err=None, note="capture failed"))
             continue
         fresh = [torch.randn_like(static_in) for _ in range(3)]
         got = []
@@ -342,8 +357,47 @@ def section_pdl(results, kernels, reference) -> str | None:
             got.append(out.clone())
         torch.cuda.synchronize()
         for i, (x, o) in enumerate(zip(fresh, got)):
-            same_bits(f"pdl cuda graph T={T} replay {i} == eager without", o, kernels.moe_top2_torch(**dict(p, hidden=x)),
-                      results)  # fmt: skip
+            same_bits(f"{tag} cuda graph T={T} replay {i} == eager without", o,
+                      kernels.moe_top2_torch(**dict(p, hidden=x)), results)  # fmt: skip
+
+
+# --- decode GEMM2 with the combine (MOE_FLAG_DECODE_COMBINE) -------------------------------------
+
+
+def combine_unavailable(kernels) -> str | None:
+    return None if hasattr(kernels, "FLAG_DECODE_COMBINE") else "this checkout's kernels.py has no FLAG_DECODE_COMBINE"
+
+
+def section_combine(results, kernels, reference) -> str | None:
+    """MOE_FLAG_DECODE_COMBINE against the reference and bit for bit against the five-launch decode:
+    every weight mode at 1–64 tokens, forced decode of 300 (several passes per expert), skewed
+    routing (experts with no tokens), and with MOE_FLAG_PDL where it applies: that pair also back to
+    back on one workspace and from CUDA graphs. Returns why skipped."""
+    why = combine_unavailable(kernels)
+    if why is not None:
+        print(f"skip decode-combine: {why}", flush=True)
+        return why
+    combine, decode = kernels.FLAG_DECODE_COMBINE, kernels.FLAG_FORCE_DECODE
+    for wmode in ("fp16", "bf16", "int8", "int8-bf16"):
+        for T, flags in ((1, 0), (3, 0), (16, 0), (33, 0), (64, 0), (300, decode)):
+            option_matches("combine", combine, make_problem(T, **SMALL, wmode=wmode, seed=600 + T), flags, wmode,
+                           results, kernels, reference)  # fmt: skip
+    for routing in ("skew", "starve"):
+        for T in (1, 65):
+            option_matches(f"combine {routing}", combine, make_problem(T, **SMALL, routing=routing, seed=7), decode,
+                           "fp16", results, kernels, reference)  # fmt: skip
+    option_matches("combine H=320 I=192", combine, make_problem(7, 320, 192, 4, seed=601), 0, "fp16", results,
+                   kernels, reference)  # fmt: skip
+    if pdl_unavailable(kernels) is None:
+        both = combine | kernels.FLAG_PDL
+        for wmode in ("fp16", "int8"):
+            for T in (1, 16, 64):
+                option_matches("pdl+combine", both, make_problem(T, **SMALL, wmode=wmode, seed=610 + T), 0, wmode,
+                               results, kernels, reference)  # fmt: skip
+        back_to_back_match("pdl+combine", both, results, kernels, seq=(1, 16, 1, 64, 3, 1, 32, 1))
+        graphs_match("pdl+combine", both, results, kernels)
+    else:
+        graphs_match("combine", combine, results, kernels)
     return None
 
 
@@ -450,7 +504,8 @@ def bench_reason(option: str, kernels) -> str | None:
     they benchmark them): its section failed or was skipped, or, run by hand, it cannot run here."""
     verdict = os.environ.get(GATE_ENV[option])
     if verdict is None:  # run as a single section by hand
-        unavailable = {"sm90": sm90_unavailable, "pdl": pdl_unavailable, "wide": wide_unavailable}[option]
+        unavailable = {"sm90": sm90_unavailable, "pdl": pdl_unavailable, "wide": wide_unavailable,
+                       "decode-combine": combine_unavailable}[option]
         return unavailable(kernels)
     return None if verdict == "1" else verdict.removeprefix("0:")
 
@@ -547,13 +602,15 @@ def section_mixtral(results, kernels, reference, rows_out):
     for wmode, T in (("fp16", 1), ("fp16", 64), ("fp16", 512), ("int8-bf16", 1), ("int8-bf16", 512), ("bf16", 2048)):
         p = dict(problems[wmode], hidden=problems[wmode]["hidden"][:T].contiguous())
         check(f"Mixtral dims {wmode} T={T}", p, 0, wmode, results, kernels, reference)
-    no_sm90, no_pdl, no_wide = (bench_reason(o, kernels) for o in ("sm90", "pdl", "wide"))
+    no_sm90, no_pdl, no_wide, no_combine = (bench_reason(o, kernels) for o in ("sm90", "pdl", "wide", "decode-combine"))
     if no_sm90 is not None:
         print(f"  sm90 rows left out: {no_sm90}", flush=True)
     if no_pdl is not None:
         print(f"  pdl rows left out: {no_pdl}", flush=True)
     if no_wide is not None:
         print(f"  wide rows left out: {no_wide}", flush=True)
+    if no_combine is not None:
+        print(f"  decode-combine rows left out: {no_combine}", flush=True)
     else:
         for wmode, T in (("fp16", 512), ("bf16", 2048)):
             p = dict(problems[wmode], hidden=problems[wmode]["hidden"][:T].contiguous())
@@ -588,6 +645,16 @@ def section_mixtral(results, kernels, reference, rows_out):
                 replay = graph_call(kernels, p, ws, out, flags=kernels.FLAG_PDL) if small else None
                 if replay is not None:
                     impls.append(("ours[pdl, cuda graph]", replay))
+            if no_combine is None and wmode != "bf16" and small:
+                combine = kernels.FLAG_DECODE_COMBINE
+                impls.append(("ours[combine]", lambda p=p, ws=ws, out=out: kernels.moe_top2_torch(
+                    **p, out=out, workspace=ws, flags=kernels.FLAG_DECODE_COMBINE)))  # fmt: skip
+                if no_pdl is None:
+                    combine |= kernels.FLAG_PDL
+                replay = graph_call(kernels, p, ws, out, flags=combine)
+                if replay is not None:
+                    impls.append(("ours[pdl+combine, cuda graph]" if no_pdl is None else "ours[combine, cuda graph]",
+                                  replay))  # fmt: skip
             if T in (16, 32, 64):
                 for path, flag in (("decode", kernels.FLAG_FORCE_DECODE), ("prefill", kernels.FLAG_FORCE_PREFILL)):
                     if kernels.decode_path(T, "int8" in wmode) != (path == "decode"):
@@ -685,6 +752,9 @@ def section_breakdown(kernels, rows_out):
         cases.append(("prefill T=2048 wide", 2048, kernels.FLAG_PREFILL_WIDE, False))
     if bench_reason("pdl", kernels) is None:
         cases += [("decode T=1 pdl", 1, kernels.FLAG_PDL, False), ("decode T=1 pdl (cuda graph)", 1, kernels.FLAG_PDL, True)]
+        if bench_reason("decode-combine", kernels) is None:
+            both = kernels.FLAG_PDL | kernels.FLAG_DECODE_COMBINE
+            cases.append(("decode T=1 pdl+combine (cuda graph)", 1, both, True))
     if bench_reason("sm90", kernels) is None:
         cases.append(("prefill T=2048 sm90", 2048, kernels.FLAG_PREFILL_SM90, False))
     base = make_problem(2048, H, I, E, wmode="fp16", seed=21)
@@ -737,6 +807,8 @@ def run_section(name: str) -> int:
             skipped = section_pdl(results, kernels, reference)
         elif name == "wide":
             skipped = section_wide(results, kernels, reference)
+        elif name == "decode-combine":
+            skipped = section_combine(results, kernels, reference)
         elif name == "sm90":
             skipped = section_sm90(results, kernels, reference)
         elif name == "mixtral":
@@ -786,6 +858,9 @@ def print_table(rows) -> None:
     print_option_summary(rows, "programmatic dependent launch (> 1x: faster with MOE_FLAG_PDL)",
                          {"ours[pdl]": "ours", "ours[pdl, cuda graph]": "ours[cuda graph]"})
     print_option_summary(rows, "wide prefill tiles (> 1x: faster with MOE_FLAG_PREFILL_WIDE)", {"ours[wide]": "ours"})
+    print_option_summary(rows, "decode GEMM2 with the combine (> 1x: faster with MOE_FLAG_DECODE_COMBINE)",
+                         {"ours[combine]": "ours", "ours[combine, cuda graph]": "ours[cuda graph]",
+                          "ours[pdl+combine, cuda graph]": "ours[pdl, cuda graph]"})
 
 
 def print_sm90_summary(rows) -> None:

@@ -20,46 +20,30 @@ namespace moe {
 
 __host__ __device__ constexpr int decode_warps(int nt) { return nt == 1 ? 8 : 4; }
 
-template <typename T, bool W8, bool GATED, int NT>
-__global__ void __launch_bounds__(decode_warps(NT) * 32) decode_gemm(GemmArgs g) {
-    constexpr int kDecodeWarps = decode_warps(NT);
-    constexpr int MT = GATED ? 2 : 1;             // 16-row weight tiles per CTA (gate, up)
-    constexpr int WB = W8 ? 1 : 2;                // bytes per weight
-    constexpr int KSTEP = W8 ? 64 : 32;           // k covered by one 16-byte load of 4 lanes
-    constexpr int SUB = KSTEP / 16;               // mma per step
-    constexpr int XW = KSTEP / 4 / 8;             // 16-byte activation loads per lane and step
-    constexpr int U = (GATED ? 4 : 8) / (W8 ? 2 : 1);  // steps in flight per warp
-    __shared__ float red[kDecodeWarps][MT * NT * 4][32];
+template <bool W8, bool GATED, int NT>
+struct DecodeShape {
+    static constexpr int kWarps = decode_warps(NT);
+    static constexpr int MT = GATED ? 2 : 1;             // 16-row weight tiles per CTA (gate, up)
+    static constexpr int WB = W8 ? 1 : 2;                // bytes per weight
+    static constexpr int KSTEP = W8 ? 64 : 32;           // k covered by one 16-byte load of 4 lanes
+    static constexpr int SUB = KSTEP / 16;               // mma per step
+    static constexpr int U = (GATED ? 4 : 8) / (W8 ? 2 : 1);  // steps in flight per warp
+    using Red = float[kWarps][MT * NT * 4][32];          // the warps' partial sums
+};
 
-    // Under MOE_FLAG_PDL, GEMM1 waits for permute before it reads the routing. GEMM2 reads the
-    // routing before its wait: GEMM1 let GEMM2 launch only after its own wait for permute, so the
-    // routing is complete by then. GEMM2 then warms L2 with its first round of weights while GEMM1
-    // drains, and waits before it reads GEMM1's output.
-    if constexpr (GATED) {
-        pdl_wait();
-        pdl_launch_dependents();
-    }
-    if (static_cast<int>(blockIdx.y) >= g.counters[1]) return;
-    const int e = g.active[blockIdx.y];
-    const int n0 = blockIdx.x * 16;
-    const int row_begin = g.offsets[e];
-    const int n_tok = g.offsets[e + 1] - row_begin;
+// One expert's share of a CTA: its 16 weight rows at n0 (GEMM1: 16 gate and the 16 matching up
+// rows) against all of its tokens, written to g.out.
+template <typename T, bool W8, bool GATED, int NT>
+__device__ __forceinline__ void decode_expert(const GemmArgs& g, int e, int n0,
+                                              typename DecodeShape<W8, GATED, NT>::Red& red) {
+    using D = DecodeShape<W8, GATED, NT>;
+    constexpr int kDecodeWarps = D::kWarps, MT = D::MT, WB = D::WB, KSTEP = D::KSTEP, SUB = D::SUB, U = D::U;
+    constexpr int XW = KSTEP / 4 / 8;  // 16-byte activation loads per lane and step
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gi = lane >> 2, q = lane & 3;
     const int K = g.K, N = g.N;
     const size_t wrows = GATED ? 2 * static_cast<size_t>(N) : static_cast<size_t>(N);
-    if constexpr (!GATED) {
-        // This warp's first round: 16 rows x U * KSTEP * WB bytes, one 128-byte line per lane and turn.
-        constexpr int kLines = U * KSTEP * WB / 128;
-        const size_t first = static_cast<size_t>(warp) * U * KSTEP * WB;
-        const char* w0 = static_cast<const char*>(g.w) + (static_cast<size_t>(e) * wrows + n0) * K * WB + first;
-#pragma unroll 1
-        for (int i = lane; i < 16 * kLines; i += 32)
-            if (first + (i >> 4) * 128 < static_cast<size_t>(K) * WB)
-                prefetch_l2(w0 + static_cast<size_t>(i & 15) * K * WB + (i >> 4) * 128);
-        pdl_wait();
-        pdl_launch_dependents();
-    }
-
+    const int row_begin = g.offsets[e];
+    const int n_tok = g.offsets[e + 1] - row_begin;
     const char* wrow[MT][2];  // this lane's 16 bytes of rows n0+gi and n0+gi+8 (gate, then up)
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
@@ -165,6 +149,60 @@ __global__ void __launch_bounds__(decode_warps(NT) * 32) decode_gemm(GemmArgs g)
             }
         }
         __syncthreads();
+    }
+}
+
+// COMBINE (GEMM2 only, MOE_FLAG_DECODE_COMBINE): the CTA takes its 16 output columns of every active
+// expert in turn (grid.y = 1), so every CTA streams the same number of weight bytes, then applies
+// the combine to those columns itself: the separate combine launch goes away.
+template <typename T, bool W8, bool GATED, int NT, bool COMBINE = false>
+__global__ void __launch_bounds__(decode_warps(NT) * 32) decode_gemm(GemmArgs g) {
+    static_assert(!(GATED && COMBINE), "the combine follows GEMM2");
+    using D = DecodeShape<W8, GATED, NT>;
+    __shared__ typename D::Red red;
+
+    // Under MOE_FLAG_PDL, GEMM1 waits for permute before it reads the routing. GEMM2 reads the
+    // routing before its wait: GEMM1 let GEMM2 launch only after its own wait for permute, so the
+    // routing is complete by then. GEMM2 then warms L2 with its first round of weights while GEMM1
+    // drains, and waits before it reads GEMM1's output.
+    if constexpr (GATED) {
+        pdl_wait();
+        pdl_launch_dependents();
+    }
+    const int n_active = g.counters[1];
+    const int first_slot = COMBINE ? 0 : static_cast<int>(blockIdx.y);
+    if (first_slot >= n_active) return;
+    const int n0 = blockIdx.x * 16;
+    if constexpr (!GATED) {
+        // This warp's first round: 16 rows x U * KSTEP * WB bytes, one 128-byte line per lane and turn.
+        constexpr int kRound = D::U * D::KSTEP * D::WB;
+        const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+        const size_t row = static_cast<size_t>(g.K) * D::WB, first = static_cast<size_t>(warp) * kRound;
+        const char* w0 = static_cast<const char*>(g.w) + (static_cast<size_t>(g.active[first_slot]) * g.N + n0) * row;
+#pragma unroll 1
+        for (int i = lane; i < 16 * (kRound / 128); i += 32)
+            if (first + (i >> 4) * 128 < row) prefetch_l2(w0 + (i & 15) * row + first + (i >> 4) * 128);
+        pdl_wait();
+        if constexpr (!COMBINE) pdl_launch_dependents();  // else the caller's next kernel waits for this one
+    }
+
+    if constexpr (!COMBINE) {
+        decode_expert<T, W8, GATED, NT>(g, g.active[first_slot], n0, red);
+    } else {
+        for (int slot = 0; slot < n_active; ++slot) decode_expert<T, W8, GATED, NT>(g, g.active[slot], n0, red);
+        // out[t] = w0 * y[2t] + w1 * y[2t+1] over this CTA's columns, as combine_kernel computes it.
+        // This CTA wrote those y columns itself (visible after decode_expert's last __syncthreads);
+        // read them through L2, not the read-only path.
+        const T* y = static_cast<const T*>(g.out);
+        const size_t N = g.N;
+        for (int i = threadIdx.x; i < g.tokens * 2; i += D::kWarps * 32) {
+            const size_t t = i >> 1, c = n0 + 8 * (i & 1);
+            const uint4 a = __ldcg(reinterpret_cast<const uint4*>(y + 2 * t * N + c));
+            const uint4 b = __ldcg(reinterpret_cast<const uint4*>(y + (2 * t + 1) * N + c));
+            const float w0 = g.wts[2 * t], w1 = g.wts[2 * t + 1];
+            *reinterpret_cast<uint4*>(static_cast<T*>(g.final_out) + t * N + c) =
+                map8<T>(a, b, [=](float fa, float fb) { return __fadd_rn(__fmul_rn(w0, fa), __fmul_rn(w1, fb)); });
+        }
     }
 }
 

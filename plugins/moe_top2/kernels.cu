@@ -3,6 +3,7 @@
 // five kernel launches on the caller's stream (router, permute, GEMM1, GEMM2, combine); the
 // sm_90a prefill path (MOE_FLAG_PREFILL_SM90, prefill_sm90.cu) makes five in place of the two GEMMs.
 // With MOE_FLAG_PDL on sm_90+, each of the five is a programmatic dependent of the launch before it.
+// With MOE_FLAG_DECODE_COMBINE, decode's GEMM2 applies the combine (four launches).
 #include <cuda_runtime.h>
 
 #include <cstdarg>
@@ -259,14 +260,14 @@ int validate(const MoeTop2Params* p, const void* workspace) {
     if (w8 && p->scale_dtype != MOE_DTYPE_FP16 && p->scale_dtype != MOE_DTYPE_FP32)
         return fail("scale_dtype=%d (%s); int8 weights need fp16 or fp32 scales", p->scale_dtype,
                     dtype_name(p->scale_dtype));
-    const int known =
-        MOE_FLAG_FORCE_DECODE | MOE_FLAG_FORCE_PREFILL | MOE_FLAG_PREFILL_SM90 | MOE_FLAG_PDL | MOE_FLAG_PREFILL_WIDE;
+    const int known = MOE_FLAG_FORCE_DECODE | MOE_FLAG_FORCE_PREFILL | MOE_FLAG_PREFILL_SM90 | MOE_FLAG_PDL |
+                      MOE_FLAG_PREFILL_WIDE | MOE_FLAG_DECODE_COMBINE;
     if ((p->flags & ~known) || (p->flags & MOE_FLAG_FORCE_DECODE && p->flags & MOE_FLAG_FORCE_PREFILL))
         return fail("flags=%d; expected a sum of at most one of %d (force decode) and %d (force prefill), and "
-                    "optionally %d (sm_90a prefill GEMMs), %d (programmatic dependent launch) and %d (wide prefill "
-                    "tiles)",
+                    "optionally %d (sm_90a prefill GEMMs), %d (programmatic dependent launch), %d (wide prefill "
+                    "tiles) and %d (decode GEMM2 applies the combine)",
                     p->flags, MOE_FLAG_FORCE_DECODE, MOE_FLAG_FORCE_PREFILL, MOE_FLAG_PREFILL_SM90, MOE_FLAG_PDL,
-                    MOE_FLAG_PREFILL_WIDE);
+                    MOE_FLAG_PREFILL_WIDE, MOE_FLAG_DECODE_COMBINE);
     const bool sm90 = p->flags & MOE_FLAG_PREFILL_SM90;
     if (sm90 && p->flags & MOE_FLAG_FORCE_DECODE)
         return fail("flags=%d: MOE_FLAG_PREFILL_SM90 (%d) selects prefill GEMMs; it cannot be combined with "
@@ -317,20 +318,22 @@ bool device_has_pdl() {
            cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess && major >= 9;
 }
 
+// combine: GEMM2 also applies the combine (one CTA per 16 output columns, over every active expert).
 template <typename T, bool W8, int NT>
-int decode_pair(const GemmArgs& g1, const GemmArgs& g2, int slots, const Launch& launch) {
+int decode_pair(const GemmArgs& g1, const GemmArgs& g2, int slots, bool combine, const Launch& launch) {
     const int threads = decode_warps(NT) * 32;
     if (int rc = launch(decode_gemm<T, W8, true, NT>, dim3(g1.N / 16, slots), threads, 0, g1)) return rc;
+    if (combine) return launch(decode_gemm<T, W8, false, NT, true>, dim3(g2.N / 16, 1), threads, 0, g2);
     return launch(decode_gemm<T, W8, false, NT>, dim3(g2.N / 16, slots), threads, 0, g2);
 }
 
 template <typename T, bool W8>
-int decode_gemms(int nt, const GemmArgs& g1, const GemmArgs& g2, int slots, const Launch& launch) {
+int decode_gemms(int nt, const GemmArgs& g1, const GemmArgs& g2, int slots, bool combine, const Launch& launch) {
     switch (nt) {
-        case 1: return decode_pair<T, W8, 1>(g1, g2, slots, launch);
-        case 2: return decode_pair<T, W8, 2>(g1, g2, slots, launch);
-        case 4: return decode_pair<T, W8, 4>(g1, g2, slots, launch);
-        default: return decode_pair<T, W8, 8>(g1, g2, slots, launch);
+        case 1: return decode_pair<T, W8, 1>(g1, g2, slots, combine, launch);
+        case 2: return decode_pair<T, W8, 2>(g1, g2, slots, combine, launch);
+        case 4: return decode_pair<T, W8, 4>(g1, g2, slots, combine, launch);
+        default: return decode_pair<T, W8, 8>(g1, g2, slots, combine, launch);
     }
 }
 
@@ -388,8 +391,11 @@ int enqueue(const MoeTop2Params& p, char* ws, cudaStream_t s) {
     if ((rc = launch(permute_kernel, 1, 1024, 0, ids, A, E, offsets, counters, active, perm, tiles))) return rc;
 
     const int scale_fp32 = p.scale_dtype == MOE_DTYPE_FP32;
-    const GemmArgs g1{p.hidden, p.w13, p.w13_scale, act, offsets, perm, active, counters, tiles, H, I, scale_fp32};
-    const GemmArgs g2{act, p.w2, p.w2_scale, y, offsets, perm, active, counters, tiles, I, H, scale_fp32};
+    T* out = static_cast<T*>(p.out);
+    const GemmArgs g1{p.hidden, p.w13, p.w13_scale, act, offsets, perm, active, counters, tiles, H, I, scale_fp32,
+                      nullptr, nullptr, T_};
+    const GemmArgs g2{act, p.w2, p.w2_scale, y, offsets, perm, active, counters, tiles, I, H, scale_fp32, wts, out, T_};
+    const bool combined = decode && (p.flags & MOE_FLAG_DECODE_COMBINE);  // GEMM2 applies the combine
     int* row_of = reinterpret_cast<int*>(ws + L.row_of);
     if (sm90) {
         const Sm90PrefillArgs a{T_, H, I, E, std::is_same_v<T, __nv_bfloat16>, p.hidden, p.w13, p.w2, offsets, perm,
@@ -399,17 +405,17 @@ int enqueue(const MoeTop2Params& p, char* ws, cudaStream_t s) {
         const int groups = (min(T_, 64) + 7) / 8;  // most tokens one expert can get, 64 per pass
         const int nt = groups <= 1 ? 1 : groups <= 2 ? 2 : groups <= 4 ? 4 : 8;
         const int slots = min(E, A);  // active experts
-        rc = w8 ? decode_gemms<T, true>(nt, g1, g2, slots, launch) : decode_gemms<T, false>(nt, g1, g2, slots, launch);
+        rc = w8 ? decode_gemms<T, true>(nt, g1, g2, slots, combined, launch)
+                : decode_gemms<T, false>(nt, g1, g2, slots, combined, launch);
     } else {
         const int max_tiles = (A + kBM - 1) / kBM + E;
         const bool wide = p.flags & MOE_FLAG_PREFILL_WIDE;
         rc = w8 ? prefill_gemms<T, true>(wide, g1, g2, max_tiles, launch)
                 : prefill_gemms<T, false>(wide, g1, g2, max_tiles, launch);
     }
-    if (rc) return rc;
+    if (rc || combined) return rc;
     const size_t n8 = static_cast<size_t>(T_) * (H / 8);
     const unsigned cblocks = static_cast<unsigned>((n8 + 255) / 256);
-    T* out = static_cast<T*>(p.out);
     return sm90 ? launch(combine_kernel<T, true>, cblocks, 256, 0, y, row_of, wts, out, T_, H)
                 : launch(combine_kernel<T, false>, cblocks, 256, 0, y, nullptr, wts, out, T_, H);
 }

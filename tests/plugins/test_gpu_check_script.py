@@ -62,7 +62,7 @@ def test_command_line_help_needs_no_gpu():
     assert done.returncode == 0, done.stderr
     for option in ("--build-only", "--section", "--skip", "--timeout"):
         assert option in done.stdout
-    for section in ("sm90-sanitize", "breakdown", "pdl", "wide"):
+    for section in ("sm90-sanitize", "breakdown", "pdl", "wide", "decode-combine"):
         assert section in done.stdout
 
 
@@ -155,7 +155,8 @@ class _StandInKernels:
     """kernels.py's surface that the pdl section uses, computing with the PyTorch reference on the
     CPU: flags change nothing, so a correct section passes, and a corrupted output must fail it."""
 
-    FLAG_FORCE_DECODE, FLAG_FORCE_PREFILL, FLAG_PREFILL_SM90, FLAG_PDL, FLAG_PREFILL_WIDE = 1, 2, 4, 8, 16
+    FLAG_FORCE_DECODE, FLAG_FORCE_PREFILL, FLAG_PREFILL_SM90, FLAG_PDL, FLAG_PREFILL_WIDE, FLAG_DECODE_COMBINE = (
+        1, 2, 4, 8, 16, 32)
     KernelError = RuntimeError
     decode_path = staticmethod(kernels.decode_path)
 
@@ -175,7 +176,8 @@ class _StandInKernels:
         return out
 
 
-@pytest.mark.parametrize("section,corrupt", [("pdl", 0), ("pdl", 8), ("wide", 0), ("wide", 16)])
+@pytest.mark.parametrize("section,corrupt", [("pdl", 0), ("pdl", 8), ("wide", 0), ("wide", 16), ("combine", 0),
+                                             ("combine", 32)])
 def test_option_sections_run_end_to_end_on_a_stand_in(gpu_check, monkeypatch, section, corrupt):
     """The pdl and wide sections' own logic (every comparison; for pdl the back-to-back run and the
     graph replays) on the CPU against a stand-in library, so that a device run is not lost to a bug
@@ -189,7 +191,7 @@ def test_option_sections_run_end_to_end_on_a_stand_in(gpu_check, monkeypatch, se
     monkeypatch.setattr(gpu_check, "graph_call", lambda kernels, p, ws, out, flags=0: (
         lambda: kernels.moe_top2_torch(**p, out=out, workspace=ws, flags=flags)))
     stand_in, results = _StandInKernels(corrupt), []
-    option = {"pdl": 8, "wide": 16}[section]
+    option = {"pdl": 8, "wide": 16, "combine": 32}[section]
     assert getattr(gpu_check, f"section_{section}")(results, stand_in, reference) is None
     failed = [r["name"] for r in results if not r["ok"]]
     if corrupt:
@@ -218,7 +220,7 @@ def test_a_failed_sm90_section_is_diagnosed_after_the_benchmark(gpu_check, monke
     monkeypatch.setattr(sys, "argv", ["gpu_check.py"])
     assert gpu_check.main() == 1
     assert order == [*gpu_check.SECTIONS, "diagnosis"]
-    assert "FAIL: 9 passed, 1 failed" in capsys.readouterr().out
+    assert f"FAIL: {len(gpu_check.SECTIONS) - 1} passed, 1 failed" in capsys.readouterr().out
 
 
 def _on_the_cpu(gpu_check, monkeypatch):
@@ -249,13 +251,14 @@ def test_mixtral_section_times_every_option_on_a_stand_in(gpu_check, monkeypatch
     impls = {(r["impl"], r["T"]) for r in rows if r["kind"] == "bench"}
     for impl, T in [("ours", 1), ("ours[cuda graph]", 1), ("ours[pdl]", 1), ("ours[pdl, cuda graph]", 64),
                     ("ours[pdl]", 2048), ("ours[wide]", 2048), ("ours[sm90]", 2048), ("torch loop", 4096),
-                    ("ours[prefill path]", 16), ("ours[decode path]", 64)]:  # fmt: skip
+                    ("ours[prefill path]", 16), ("ours[decode path]", 64), ("ours[combine]", 1),
+                    ("ours[pdl+combine, cuda graph]", 64)]:  # fmt: skip
         assert (impl, T) in impls, (impl, T)
     assert ("ours[wide]", 64) not in impls and ("ours[sm90]", 64) not in impls
     gpu_check.print_table(rows)
     out = capsys.readouterr().out
     assert "stand-in GPU" in out and "sm90 path (speed-up > 1" in out
-    assert "programmatic dependent launch" in out and "wide prefill tiles" in out
+    assert "programmatic dependent launch" in out and "wide prefill tiles" in out and "with the combine" in out
 
 
 def test_breakdown_section_prints_gaps_and_overlaps_on_a_stand_in(gpu_check, monkeypatch, capsys):
@@ -275,10 +278,12 @@ def test_breakdown_section_prints_gaps_and_overlaps_on_a_stand_in(gpu_check, mon
     gpu_check.section_breakdown(_StandInKernels(), rows)
     out = capsys.readouterr().out
     cases = [r["case"] for r in rows]
-    assert {"decode T=1", "decode T=1 pdl (cuda graph)", "prefill T=2048 wide", "prefill T=2048 sm90"} <= set(cases)
+    assert {"decode T=1", "decode T=1 pdl (cuda graph)", "decode T=1 pdl+combine (cuda graph)", "prefill T=2048 wide",
+            "prefill T=2048 sm90"} <= set(cases)
     assert "kernels 14.0 us, first start to last end 12.0 us, overlap 2.0 us" in out
 
 
 def test_the_stand_in_speaks_the_bindings_flags():
-    for flag in ("FLAG_FORCE_DECODE", "FLAG_FORCE_PREFILL", "FLAG_PREFILL_SM90", "FLAG_PDL", "FLAG_PREFILL_WIDE"):
+    for flag in ("FLAG_FORCE_DECODE", "FLAG_FORCE_PREFILL", "FLAG_PREFILL_SM90", "FLAG_PDL", "FLAG_PREFILL_WIDE",
+                 "FLAG_DECODE_COMBINE"):
         assert getattr(_StandInKernels, flag) == getattr(kernels, flag), flag

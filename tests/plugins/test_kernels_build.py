@@ -193,7 +193,8 @@ def opcodes(sass: str) -> list[str]:
 def test_sass_waits_for_the_previous_kernel_before_reading_its_output(library, tmp_path):
     """MOE_FLAG_PDL as compiled: in the sm_90a and sm_120 images every kernel of the default paths
     waits for its predecessor (griddepcontrol.wait: ACQBULK) before it touches global memory, and
-    all but combine let their dependents launch (launch_dependents: PREEXIT) only after that wait.
+    all but the last (combine, or the decode GEMM2 that applies it) let their dependents launch
+    (launch_dependents: PREEXIT) only after that wait.
     The one exception is the decode GEMM2: before its wait it loads the routing (complete two
     launches back) and prefetches its first weights into L2 (CCTL), and it stores nothing. The
     sm_80 and sm_89 images have neither instruction (no programmatic launch before sm_90)."""
@@ -213,7 +214,8 @@ def test_sass_waits_for_the_previous_kernel_before_reading_its_output(library, t
                 assert wait is None and trigger is None, f"{image}: {name}"
                 continue
             assert wait is not None, f"{image}: no griddepcontrol.wait in {name}"
-            assert (trigger is None) == ("combine_kernel" in name), f"{image}: {name}"
+            last = "combine_kernel" in name or re.search(r"decode_gemmI\w+?ELi\d+ELb1EE", name) is not None
+            assert (trigger is None) == last, f"{image}: {name}"
             assert trigger is None or trigger > wait, f"{image}: {name} lets dependents launch before its wait"
             early = {op.split(".")[0] for op in ops[:wait]} & global_memory
             gated = re.search(r"decode_gemmI\w+?Lb[01]ELb([01])ELi", name)
@@ -221,7 +223,7 @@ def test_sass_waits_for_the_previous_kernel_before_reading_its_output(library, t
             assert early <= allowed, f"{image}: {name} reaches global memory before its wait: {sorted(early)}"
             if allowed:
                 assert early == allowed, f"{image}: {name}: the routing read and the L2 prefetch moved ({early})"
-    assert checked == 4 * 57, checked  # 57 kernels in each of the four images
+    assert checked == 4 * 73, checked  # 73 kernels in each of the four images
 
 
 def nvcc_sm90(archs, *args: str) -> list[str]:
@@ -370,7 +372,8 @@ def test_workspace_size_is_the_layout_formula(lib, T, H, I, E):
         first = kernels.workspace_size(T, H, I, E, 2, act, lib=lib)
         assert first == kernels.workspace_size(T, H, I, E, 2, act, lib=lib) == workspace_formula(T, H, I, E)
         assert lib.mixtral_moe_top2_workspace_size(T, H, I, E, 2, act) == first  # the flag-free entry point
-        for flags in (kernels.FLAG_FORCE_DECODE, kernels.FLAG_FORCE_PREFILL, kernels.FLAG_PDL, kernels.FLAG_PREFILL_WIDE):
+        for flags in (kernels.FLAG_FORCE_DECODE, kernels.FLAG_FORCE_PREFILL, kernels.FLAG_PDL, kernels.FLAG_PREFILL_WIDE,
+                      kernels.FLAG_DECODE_COMBINE):
             assert kernels.workspace_size(T, H, I, E, 2, act, lib=lib, flags=flags) == first
         sm90 = kernels.workspace_size(T, H, I, E, 2, act, lib=lib, flags=kernels.FLAG_PREFILL_SM90)
         assert sm90 == workspace_formula(T, H, I, E, sm90=True)
@@ -438,7 +441,7 @@ def _enqueue(lib, **overrides):
         (dict(weight_dtype=kernels.DTYPE_INT8, scale_dtype=kernels.DTYPE_INT8), "scale_dtype=2"),
         (dict(weight_dtype=kernels.DTYPE_INT8, scale_dtype=kernels.DTYPE_FP16), "w13_scale is null"),
         (dict(flags=3), "flags=3"),
-        (dict(flags=32), "flags=32"),
+        (dict(flags=64), "flags=64"),
         (dict(flags=kernels.FLAG_PDL | 3), "flags=11"),
         (dict(flags=kernels.FLAG_PREFILL_SM90 | kernels.FLAG_FORCE_DECODE), "cannot be combined with MOE_FLAG_FORCE"),
         (dict(flags=kernels.FLAG_PREFILL_SM90, weight_dtype=kernels.DTYPE_INT8, w13_scale=1 << 20, w2_scale=1 << 20),
@@ -466,7 +469,8 @@ def test_sm90_flag_without_a_gpu_is_refused(lib):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the fake pointers would be dereferenced")
 @pytest.mark.parametrize("flags", [0, kernels.FLAG_PDL, kernels.FLAG_PDL | kernels.FLAG_FORCE_PREFILL,
-                                   kernels.FLAG_PREFILL_WIDE | kernels.FLAG_FORCE_PREFILL])
+                                   kernels.FLAG_PREFILL_WIDE | kernels.FLAG_FORCE_PREFILL,
+                                   kernels.FLAG_DECODE_COMBINE | kernels.FLAG_PDL])
 def test_enqueue_without_a_gpu_reports_the_cuda_error(lib, flags):
     with pytest.raises(kernels.KernelError, match="kernel launch failed: cuda"):  # past validation
         _enqueue(lib, flags=flags)
@@ -576,11 +580,13 @@ def test_kernels_match_the_reference_on_gpu(lib, T, mode, flags):
 @pytest.mark.parametrize("T", [1, 7, 65, 300])
 @pytest.mark.parametrize("mode", ["fp16", "int8"])
 @pytest.mark.parametrize("flags", [0, kernels.FLAG_FORCE_DECODE, kernels.FLAG_FORCE_PREFILL])
-@pytest.mark.parametrize("option", [kernels.FLAG_PDL, kernels.FLAG_PREFILL_WIDE])
+@pytest.mark.parametrize("option", [kernels.FLAG_PDL, kernels.FLAG_PREFILL_WIDE, kernels.FLAG_DECODE_COMBINE,
+                                    kernels.FLAG_DECODE_COMBINE | kernels.FLAG_PDL])
 def test_options_give_the_same_bits_on_gpu(lib, T, mode, flags, option):
     """MOE_FLAG_PDL changes when kernels start (a no-op before sm_90), MOE_FLAG_PREFILL_WIDE the
-    prefill tile's width: neither changes what any output element sums, nor in which order. H and I
-    are multiples of 64 but not of 128 or 256, so wide tiles overhang both GEMMs' last columns."""
+    prefill tile's width, MOE_FLAG_DECODE_COMBINE which CTA computes what: none changes what any
+    output element sums, nor in which order. H and I are multiples of 64 but not of 128 or 256, so
+    wide tiles overhang both GEMMs' last columns."""
     p = _problem(T=T, H=320, I=576, E=8, seed=T, device="cuda")
     p = {k: v.half() if k != "router" else v for k, v in p.items()}
     if mode == "int8":
