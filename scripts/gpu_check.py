@@ -9,15 +9,16 @@ benchmark rows ("ours[sm90]"); both are skipped, with the reason printed, unless
 sm_90 and the library holds the path. Its rows are benchmarked only after its section passed.
 If that section fails, its tiny cases run again, after the benchmark and within the deadline, with
 synchronous launches (the error then names the step: gather, setup, GEMM1, silu, GEMM2) and under
-compute-sanitizer's memcheck where the toolkit has it; every failed comparison prints where the output is wrong (rows never written,
-rows left zero, error by expert and by column block). The "pdl" section checks MOE_FLAG_PDL
+compute-sanitizer's memcheck where the toolkit has it; every failed comparison prints where the
+output is wrong (rows never written, rows left zero, error by expert and by column block). The "pdl" section checks MOE_FLAG_PDL
 (programmatic dependent launch, sm_90+): bit-identical to a plain enqueue, eagerly, back to back on
 one workspace with changing token counts, and replayed from CUDA graphs; only then does the
-benchmark add "ours[pdl]" rows. The "decode-combine" section checks MOE_FLAG_DECODE_COMBINE (GEMM2
-applies the combine: four launches), alone and with PDL, before its rows. The "wide" section checks MOE_FLAG_PREFILL_WIDE (128x256
-mma.sync prefill tiles) the same way before "ours[wide]" rows are timed. The last section ("breakdown") profiles one-token decode (eager and
-as a CUDA graph, with and without PDL) and 2048-token prefill at Mixtral dims: each launch's time,
-their sum, and the gaps between dependent launches.
+benchmark add "ours[pdl]" rows. The "decode-fused" section checks MOE_FLAG_DECODE_FUSED (one
+router CTA permutes too; GEMM2 applies the combine), alone and with PDL, before its rows. The
+"wide" section checks MOE_FLAG_PREFILL_WIDE (128x256 mma.sync prefill tiles) the same way before
+"ours[wide]" rows are timed. The last section ("breakdown") profiles one-token decode (eager and
+as a CUDA graph, with and without PDL and fused decode) and 2048-token prefill at Mixtral dims:
+each launch's time, their sum, and the gaps between dependent launches.
 
     python scripts/gpu_check.py                 # all sections (MIXTRAL_TRT_KERNELS_LIB or a build)
     python scripts/gpu_check.py --build-only    # build for this GPU's arch, print the library path
@@ -39,7 +40,7 @@ import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTIONS = ("decode", "prefill", "int8-decode", "int8-prefill", "special", "pdl", "decode-combine", "wide", "sm90",
+SECTIONS = ("decode", "prefill", "int8-decode", "int8-prefill", "special", "pdl", "decode-fused", "wide", "sm90",
             "mixtral", "breakdown")
 EXTRA_SECTIONS = ("sanitize", "sm90-sanitize")  # a few tiny cases, to run under compute-sanitizer
 TOKENS = (1, 2, 3, 7, 16, 64, 65, 300, 1024, 4096)
@@ -50,7 +51,7 @@ TOL = {"fp16": 1e-2, "bf16": 1e-2, "int8": 2e-2}
 # main -> the mixtral and breakdown sections: "1" bench this option, else "0:<why not>"; an option is
 # benchmarked only after its own section passed.
 GATE_ENV = {"sm90": "MIXTRAL_GPU_CHECK_SM90", "pdl": "MIXTRAL_GPU_CHECK_PDL", "wide": "MIXTRAL_GPU_CHECK_WIDE",
-            "decode-combine": "MIXTRAL_GPU_CHECK_DECODE_COMBINE"}
+            "decode-fused": "MIXTRAL_GPU_CHECK_DECODE_FUSED"}
 SM90_BENCH_TOKENS = (512, 2048, 4096)
 # The sm90 section takes seconds when it works; a hang there (a GEMM waiting on a TMA barrier)
 # must leave time for the benchmark in one device call.
@@ -303,8 +304,8 @@ def section_pdl(results, kernels, reference) -> str | None:
         return why
     pdl = kernels.FLAG_PDL
     for wmode in ("fp16", "bf16", "int8", "int8-bf16"):
-        for T, flags in ((1, 0), (3, 0), (16, 0), (33, 0), (64, 0), (65, 0), (1024, 0), (300, kernels.FLAG_FORCE_DECODE),
-                         (5, kernels.FLAG_FORCE_PREFILL)):  # fmt: skip
+        for T, flags in ((1, 0), (3, 0), (16, 0), (33, 0), (64, 0), (65, 0), (1024, 0),
+                         (300, kernels.FLAG_FORCE_DECODE), (5, kernels.FLAG_FORCE_PREFILL)):  # fmt: skip
             option_matches("pdl", pdl, make_problem(T, **SMALL, wmode=wmode, seed=300 + T), flags, wmode, results,
                            kernels, reference)  # fmt: skip
     for routing in ("skew", "starve"):
@@ -361,43 +362,47 @@ def graphs_match(tag: str, flags: int, results, kernels) -> None:
                       kernels.moe_top2_torch(**dict(p, hidden=x)), results)  # fmt: skip
 
 
-# --- decode GEMM2 with the combine (MOE_FLAG_DECODE_COMBINE) -------------------------------------
+# --- fused decode (MOE_FLAG_DECODE_FUSED) ---------------------------------------------------------
 
 
-def combine_unavailable(kernels) -> str | None:
-    return None if hasattr(kernels, "FLAG_DECODE_COMBINE") else "this checkout's kernels.py has no FLAG_DECODE_COMBINE"
+def fused_unavailable(kernels) -> str | None:
+    return None if hasattr(kernels, "FLAG_DECODE_FUSED") else "this checkout's kernels.py has no FLAG_DECODE_FUSED"
 
 
-def section_combine(results, kernels, reference) -> str | None:
-    """MOE_FLAG_DECODE_COMBINE against the reference and bit for bit against the five-launch decode:
-    every weight mode at 1–64 tokens, forced decode of 300 (several passes per expert), skewed
-    routing (experts with no tokens), and with MOE_FLAG_PDL where it applies: that pair also back to
-    back on one workspace and from CUDA graphs. Returns why skipped."""
-    why = combine_unavailable(kernels)
+def section_fused(results, kernels, reference) -> str | None:
+    """MOE_FLAG_DECODE_FUSED (router + permute in one CTA up to 8 tokens, GEMM2 applies the combine)
+    against the reference and bit for bit against the five-launch decode: every weight mode at 1–64
+    tokens (one router CTA and several), forced decode of 300 (several passes per expert), skewed
+    routing (experts with no tokens), an fp32 router, and with MOE_FLAG_PDL where it applies: that
+    pair also back to back on one workspace and from CUDA graphs. Returns why skipped."""
+    why = fused_unavailable(kernels)
     if why is not None:
-        print(f"skip decode-combine: {why}", flush=True)
+        print(f"skip decode-fused: {why}", flush=True)
         return why
-    combine, decode = kernels.FLAG_DECODE_COMBINE, kernels.FLAG_FORCE_DECODE
+    fused, decode = kernels.FLAG_DECODE_FUSED, kernels.FLAG_FORCE_DECODE
     for wmode in ("fp16", "bf16", "int8", "int8-bf16"):
         for T, flags in ((1, 0), (3, 0), (16, 0), (33, 0), (64, 0), (300, decode)):
-            option_matches("combine", combine, make_problem(T, **SMALL, wmode=wmode, seed=600 + T), flags, wmode,
+            option_matches("fused", fused, make_problem(T, **SMALL, wmode=wmode, seed=600 + T), flags, wmode,
                            results, kernels, reference)  # fmt: skip
     for routing in ("skew", "starve"):
         for T in (1, 65):
-            option_matches(f"combine {routing}", combine, make_problem(T, **SMALL, routing=routing, seed=7), decode,
+            option_matches(f"fused {routing}", fused, make_problem(T, **SMALL, routing=routing, seed=7), decode,
                            "fp16", results, kernels, reference)  # fmt: skip
-    option_matches("combine H=320 I=192", combine, make_problem(7, 320, 192, 4, seed=601), 0, "fp16", results,
+    option_matches("fused H=320 I=192", fused, make_problem(7, 320, 192, 4, seed=601), 0, "fp16", results,
                    kernels, reference)  # fmt: skip
+    for T in (5, 20):
+        option_matches("fused fp32 router", fused, make_problem(T, **SMALL, wmode="bf16", router_fp32=True, seed=9), 0,
+                       "bf16", results, kernels, reference)  # fmt: skip
     if pdl_unavailable(kernels) is None:
-        both = combine | kernels.FLAG_PDL
+        both = fused | kernels.FLAG_PDL
         for wmode in ("fp16", "int8"):
             for T in (1, 16, 64):
-                option_matches("pdl+combine", both, make_problem(T, **SMALL, wmode=wmode, seed=610 + T), 0, wmode,
+                option_matches("pdl+fused", both, make_problem(T, **SMALL, wmode=wmode, seed=610 + T), 0, wmode,
                                results, kernels, reference)  # fmt: skip
-        back_to_back_match("pdl+combine", both, results, kernels, seq=(1, 16, 1, 64, 3, 1, 32, 1))
-        graphs_match("pdl+combine", both, results, kernels)
+        back_to_back_match("pdl+fused", both, results, kernels, seq=(1, 16, 1, 64, 3, 1, 32, 1))
+        graphs_match("pdl+fused", both, results, kernels)
     else:
-        graphs_match("combine", combine, results, kernels)
+        graphs_match("fused", fused, results, kernels)
     return None
 
 
@@ -505,7 +510,7 @@ def bench_reason(option: str, kernels) -> str | None:
     verdict = os.environ.get(GATE_ENV[option])
     if verdict is None:  # run as a single section by hand
         unavailable = {"sm90": sm90_unavailable, "pdl": pdl_unavailable, "wide": wide_unavailable,
-                       "decode-combine": combine_unavailable}[option]
+                       "decode-fused": fused_unavailable}[option]
         return unavailable(kernels)
     return None if verdict == "1" else verdict.removeprefix("0:")
 
@@ -602,15 +607,15 @@ def section_mixtral(results, kernels, reference, rows_out):
     for wmode, T in (("fp16", 1), ("fp16", 64), ("fp16", 512), ("int8-bf16", 1), ("int8-bf16", 512), ("bf16", 2048)):
         p = dict(problems[wmode], hidden=problems[wmode]["hidden"][:T].contiguous())
         check(f"Mixtral dims {wmode} T={T}", p, 0, wmode, results, kernels, reference)
-    no_sm90, no_pdl, no_wide, no_combine = (bench_reason(o, kernels) for o in ("sm90", "pdl", "wide", "decode-combine"))
+    no_sm90, no_pdl, no_wide, no_fused = (bench_reason(o, kernels) for o in ("sm90", "pdl", "wide", "decode-fused"))
     if no_sm90 is not None:
         print(f"  sm90 rows left out: {no_sm90}", flush=True)
     if no_pdl is not None:
         print(f"  pdl rows left out: {no_pdl}", flush=True)
     if no_wide is not None:
         print(f"  wide rows left out: {no_wide}", flush=True)
-    if no_combine is not None:
-        print(f"  decode-combine rows left out: {no_combine}", flush=True)
+    if no_fused is not None:
+        print(f"  decode-fused rows left out: {no_fused}", flush=True)
     else:
         for wmode, T in (("fp16", 512), ("bf16", 2048)):
             p = dict(problems[wmode], hidden=problems[wmode]["hidden"][:T].contiguous())
@@ -645,15 +650,15 @@ def section_mixtral(results, kernels, reference, rows_out):
                 replay = graph_call(kernels, p, ws, out, flags=kernels.FLAG_PDL) if small else None
                 if replay is not None:
                     impls.append(("ours[pdl, cuda graph]", replay))
-            if no_combine is None and wmode != "bf16" and small:
-                combine = kernels.FLAG_DECODE_COMBINE
-                impls.append(("ours[combine]", lambda p=p, ws=ws, out=out: kernels.moe_top2_torch(
-                    **p, out=out, workspace=ws, flags=kernels.FLAG_DECODE_COMBINE)))  # fmt: skip
+            if no_fused is None and wmode != "bf16" and small:
+                fused = kernels.FLAG_DECODE_FUSED
+                impls.append(("ours[fused]", lambda p=p, ws=ws, out=out: kernels.moe_top2_torch(
+                    **p, out=out, workspace=ws, flags=kernels.FLAG_DECODE_FUSED)))  # fmt: skip
                 if no_pdl is None:
-                    combine |= kernels.FLAG_PDL
-                replay = graph_call(kernels, p, ws, out, flags=combine)
+                    fused |= kernels.FLAG_PDL
+                replay = graph_call(kernels, p, ws, out, flags=fused)
                 if replay is not None:
-                    impls.append(("ours[pdl+combine, cuda graph]" if no_pdl is None else "ours[combine, cuda graph]",
+                    impls.append(("ours[pdl+fused, cuda graph]" if no_pdl is None else "ours[fused, cuda graph]",
                                   replay))  # fmt: skip
             if T in (16, 32, 64):
                 for path, flag in (("decode", kernels.FLAG_FORCE_DECODE), ("prefill", kernels.FLAG_FORCE_PREFILL)):
@@ -751,10 +756,11 @@ def section_breakdown(kernels, rows_out):
     if bench_reason("wide", kernels) is None:
         cases.append(("prefill T=2048 wide", 2048, kernels.FLAG_PREFILL_WIDE, False))
     if bench_reason("pdl", kernels) is None:
-        cases += [("decode T=1 pdl", 1, kernels.FLAG_PDL, False), ("decode T=1 pdl (cuda graph)", 1, kernels.FLAG_PDL, True)]
-        if bench_reason("decode-combine", kernels) is None:
-            both = kernels.FLAG_PDL | kernels.FLAG_DECODE_COMBINE
-            cases.append(("decode T=1 pdl+combine (cuda graph)", 1, both, True))
+        pdl = kernels.FLAG_PDL
+        cases += [("decode T=1 pdl", 1, pdl, False), ("decode T=1 pdl (cuda graph)", 1, pdl, True)]
+        if bench_reason("decode-fused", kernels) is None:
+            both = kernels.FLAG_PDL | kernels.FLAG_DECODE_FUSED
+            cases.append(("decode T=1 pdl+fused (cuda graph)", 1, both, True))
     if bench_reason("sm90", kernels) is None:
         cases.append(("prefill T=2048 sm90", 2048, kernels.FLAG_PREFILL_SM90, False))
     base = make_problem(2048, H, I, E, wmode="fp16", seed=21)
@@ -807,8 +813,8 @@ def run_section(name: str) -> int:
             skipped = section_pdl(results, kernels, reference)
         elif name == "wide":
             skipped = section_wide(results, kernels, reference)
-        elif name == "decode-combine":
-            skipped = section_combine(results, kernels, reference)
+        elif name == "decode-fused":
+            skipped = section_fused(results, kernels, reference)
         elif name == "sm90":
             skipped = section_sm90(results, kernels, reference)
         elif name == "mixtral":
@@ -858,9 +864,9 @@ def print_table(rows) -> None:
     print_option_summary(rows, "programmatic dependent launch (> 1x: faster with MOE_FLAG_PDL)",
                          {"ours[pdl]": "ours", "ours[pdl, cuda graph]": "ours[cuda graph]"})
     print_option_summary(rows, "wide prefill tiles (> 1x: faster with MOE_FLAG_PREFILL_WIDE)", {"ours[wide]": "ours"})
-    print_option_summary(rows, "decode GEMM2 with the combine (> 1x: faster with MOE_FLAG_DECODE_COMBINE)",
-                         {"ours[combine]": "ours", "ours[combine, cuda graph]": "ours[cuda graph]",
-                          "ours[pdl+combine, cuda graph]": "ours[pdl, cuda graph]"})
+    print_option_summary(rows, "fused decode (> 1x: faster with MOE_FLAG_DECODE_FUSED)",
+                         {"ours[fused]": "ours", "ours[fused, cuda graph]": "ours[cuda graph]",
+                          "ours[pdl+fused, cuda graph]": "ours[pdl, cuda graph]"})
 
 
 def print_sm90_summary(rows) -> None:

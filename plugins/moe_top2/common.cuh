@@ -190,7 +190,7 @@ struct GemmArgs {
     int K;                // reduction length
     int N;                // outputs per expert (GEMM1: I, GEMM2: H)
     int scale_fp32;
-    // The decode GEMM2 with the combine fused (MOE_FLAG_DECODE_COMBINE) only:
+    // The decode GEMM2 with the combine fused (MOE_FLAG_DECODE_FUSED) only:
     const float* wts;     // [A] routing weights
     void* final_out;      // [T, N] the op's output
     int tokens;           // T

@@ -152,7 +152,7 @@ __device__ __forceinline__ void decode_expert(const GemmArgs& g, int e, int n0,
     }
 }
 
-// COMBINE (GEMM2 only, MOE_FLAG_DECODE_COMBINE): the CTA takes its 16 output columns of every active
+// COMBINE (GEMM2 only, with MOE_FLAG_DECODE_FUSED): the CTA takes its 16 output columns of every active
 // expert in turn (grid.y = 1), so every CTA streams the same number of weight bytes, then applies
 // the combine to those columns itself: the separate combine launch goes away.
 template <typename T, bool W8, bool GATED, int NT, bool COMBINE = false>

@@ -3,7 +3,8 @@
 // five kernel launches on the caller's stream (router, permute, GEMM1, GEMM2, combine); the
 // sm_90a prefill path (MOE_FLAG_PREFILL_SM90, prefill_sm90.cu) makes five in place of the two GEMMs.
 // With MOE_FLAG_PDL on sm_90+, each of the five is a programmatic dependent of the launch before it.
-// With MOE_FLAG_DECODE_COMBINE, decode's GEMM2 applies the combine (four launches).
+// With MOE_FLAG_DECODE_FUSED, decode's GEMM2 applies the combine, and a single router CTA (up to 8
+// tokens) permutes too: three or four launches.
 #include <cuda_runtime.h>
 
 #include <cstdarg>
@@ -22,13 +23,65 @@ namespace moe {
 
 constexpr int kRouterWarps = 8;
 
+// Where permute leaves the routing (moe_top2.h's workspace regions).
+struct Routing {
+    int* offsets;
+    int* counters;
+    int* active;
+    int* perm;
+    int4* tiles;
+};
+
+// One CTA (any size): per-expert counts, offsets, active-expert list, prefill row tiles, and a
+// stable permutation (warp per expert, ballot + popc), all left on the device. ids may have been
+// written by this CTA (before a __syncthreads), so they are read with plain loads.
+__device__ void permute_block(const int* ids, int A, int E, const Routing& r) {
+    __shared__ int cnt[MOE_MAX_EXPERTS], off[MOE_MAX_EXPERTS + 1], toff[MOE_MAX_EXPERTS], aidx[MOE_MAX_EXPERTS];
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nwarps = blockDim.x >> 5;
+    for (int e = tid; e < E; e += blockDim.x) cnt[e] = 0;
+    __syncthreads();
+    for (int a = tid; a < A; a += blockDim.x) atomicAdd(&cnt[ids[a]], 1);
+    __syncthreads();
+    if (tid == 0) {
+        int o = 0, to = 0, na = 0;
+        for (int e = 0; e < E; ++e) {
+            off[e] = o, toff[e] = to, aidx[e] = na;
+            o += cnt[e];
+            to += (cnt[e] + kBM - 1) / kBM;
+            na += cnt[e] > 0;
+        }
+        off[E] = o;
+        r.counters[0] = to, r.counters[1] = na, r.counters[2] = 0, r.counters[3] = 0;
+    }
+    __syncthreads();
+    for (int e = tid; e <= E; e += blockDim.x) r.offsets[e] = off[e];
+    for (int e = tid; e < E; e += blockDim.x) {
+        if (cnt[e] == 0) continue;
+        r.active[aidx[e]] = e;
+        for (int m = 0; m * kBM < cnt[e]; ++m)
+            r.tiles[toff[e] + m] = make_int4(e, off[e] + m * kBM, off[e] + min(cnt[e], (m + 1) * kBM), 0);
+    }
+    for (int e = warp; e < E; e += nwarps) {
+        if (cnt[e] == 0) continue;
+        int base = off[e];
+        for (int c = 0; c < A; c += 32) {
+            const int a = c + lane;
+            const bool hit = a < A && ids[a] == e;
+            const unsigned b = __ballot_sync(0xffffffffu, hit);
+            if (hit) r.perm[base + __popc(b & ((1u << lane) - 1u))] = a;
+            base += __popc(b);
+        }
+    }
+}
+
 // A CTA routes kRouterWarps tokens: its warps share the (token, expert) dot products (at T=1
 // each warp takes one expert, so the E logits come in parallel), then one thread per token
 // takes softmax, top-2 (lowest index wins ties) and renormalises exactly as softmax -> topk ->
-// divide by their sum.
+// divide by their sum. fuse (MOE_FLAG_DECODE_FUSED, a single CTA only): the CTA then permutes too,
+// in place of permute_kernel.
 template <typename T, typename R>
-__global__ void __launch_bounds__(kRouterWarps * 32)
-    router_kernel(const T* hidden, const R* router, int tokens, int H, int E, int* ids, float* wts) {
+__global__ void __launch_bounds__(kRouterWarps * 32) router_kernel(const T* hidden, const R* router, int tokens, int H,
+                                                                   int E, int* ids, float* wts, Routing fuse_into) {
     __shared__ float logits[kRouterWarps][MOE_MAX_EXPERTS];
     pdl_wait();  // MOE_FLAG_PDL: the caller's kernel that wrote hidden has completed (common.cuh)
     pdl_launch_dependents();
@@ -69,66 +122,32 @@ __global__ void __launch_bounds__(kRouterWarps * 32)
         if (lane == 0) logits[tt][e] = acc;
     }
     __syncthreads();
-    if (static_cast<int>(threadIdx.x) >= nt) return;
-    const int t = t0 + threadIdx.x;
-    const float* l = logits[threadIdx.x];
-    int i0 = 0;
-    for (int e = 1; e < E; ++e)
-        if (l[e] > l[i0]) i0 = e;
-    int i1 = i0 == 0 ? 1 : 0;
-    for (int e = 0; e < E; ++e)
-        if (e != i0 && l[e] > l[i1]) i1 = e;
-    float s = 0.f;
-    for (int e = 0; e < E; ++e) s += expf(l[e] - l[i0]);
-    const float p0 = 1.f / s, p1 = expf(l[i1] - l[i0]) / s, d = p0 + p1;
-    ids[2 * t] = i0;
-    ids[2 * t + 1] = i1;
-    wts[2 * t] = p0 / d;
-    wts[2 * t + 1] = p1 / d;
+    if (static_cast<int>(threadIdx.x) < nt) {
+        const int t = t0 + threadIdx.x;
+        const float* l = logits[threadIdx.x];
+        int i0 = 0;
+        for (int e = 1; e < E; ++e)
+            if (l[e] > l[i0]) i0 = e;
+        int i1 = i0 == 0 ? 1 : 0;
+        for (int e = 0; e < E; ++e)
+            if (e != i0 && l[e] > l[i1]) i1 = e;
+        float s = 0.f;
+        for (int e = 0; e < E; ++e) s += expf(l[e] - l[i0]);
+        const float p0 = 1.f / s, p1 = expf(l[i1] - l[i0]) / s, d = p0 + p1;
+        ids[2 * t] = i0;
+        ids[2 * t + 1] = i1;
+        wts[2 * t] = p0 / d;
+        wts[2 * t + 1] = p1 / d;
+    }
+    if (fuse_into.offsets == nullptr) return;
+    __syncthreads();  // this CTA's ids are visible to all its threads
+    permute_block(ids, tokens * kTopK, E, fuse_into);
 }
 
-// One CTA: per-expert counts, offsets, active-expert list, prefill row tiles, and a stable
-// permutation (warp per expert, ballot + popc), all left on the device.
-__global__ void __launch_bounds__(1024) permute_kernel(const int* ids, int A, int E, int* offsets, int* counters,
-                                                       int* active, int* perm, int4* tiles) {
-    __shared__ int cnt[MOE_MAX_EXPERTS], off[MOE_MAX_EXPERTS + 1], toff[MOE_MAX_EXPERTS], aidx[MOE_MAX_EXPERTS];
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nwarps = blockDim.x >> 5;
+__global__ void __launch_bounds__(1024) permute_kernel(const int* ids, int A, int E, Routing r) {
     pdl_wait();
     pdl_launch_dependents();
-    for (int e = tid; e < E; e += blockDim.x) cnt[e] = 0;
-    __syncthreads();
-    for (int a = tid; a < A; a += blockDim.x) atomicAdd(&cnt[ids[a]], 1);
-    __syncthreads();
-    if (tid == 0) {
-        int o = 0, to = 0, na = 0;
-        for (int e = 0; e < E; ++e) {
-            off[e] = o, toff[e] = to, aidx[e] = na;
-            o += cnt[e];
-            to += (cnt[e] + kBM - 1) / kBM;
-            na += cnt[e] > 0;
-        }
-        off[E] = o;
-        counters[0] = to, counters[1] = na, counters[2] = 0, counters[3] = 0;
-    }
-    __syncthreads();
-    for (int e = tid; e <= E; e += blockDim.x) offsets[e] = off[e];
-    for (int e = tid; e < E; e += blockDim.x) {
-        if (cnt[e] == 0) continue;
-        active[aidx[e]] = e;
-        for (int m = 0; m * kBM < cnt[e]; ++m)
-            tiles[toff[e] + m] = make_int4(e, off[e] + m * kBM, off[e] + min(cnt[e], (m + 1) * kBM), 0);
-    }
-    for (int e = warp; e < E; e += nwarps) {
-        if (cnt[e] == 0) continue;
-        int base = off[e];
-        for (int c = 0; c < A; c += 32) {
-            const int a = c + lane;
-            const bool hit = a < A && ids[a] == e;
-            const unsigned b = __ballot_sync(0xffffffffu, hit);
-            if (hit) perm[base + __popc(b & ((1u << lane) - 1u))] = a;
-            base += __popc(b);
-        }
-    }
+    permute_block(ids, A, E, r);
 }
 
 // out[t] = w0 * y[2t] + w1 * y[2t+1], each product rounded, then one rounded sum: the same
@@ -261,13 +280,13 @@ int validate(const MoeTop2Params* p, const void* workspace) {
         return fail("scale_dtype=%d (%s); int8 weights need fp16 or fp32 scales", p->scale_dtype,
                     dtype_name(p->scale_dtype));
     const int known = MOE_FLAG_FORCE_DECODE | MOE_FLAG_FORCE_PREFILL | MOE_FLAG_PREFILL_SM90 | MOE_FLAG_PDL |
-                      MOE_FLAG_PREFILL_WIDE | MOE_FLAG_DECODE_COMBINE;
+                      MOE_FLAG_PREFILL_WIDE | MOE_FLAG_DECODE_FUSED;
     if ((p->flags & ~known) || (p->flags & MOE_FLAG_FORCE_DECODE && p->flags & MOE_FLAG_FORCE_PREFILL))
         return fail("flags=%d; expected a sum of at most one of %d (force decode) and %d (force prefill), and "
                     "optionally %d (sm_90a prefill GEMMs), %d (programmatic dependent launch), %d (wide prefill "
-                    "tiles) and %d (decode GEMM2 applies the combine)",
+                    "tiles) and %d (fused decode)",
                     p->flags, MOE_FLAG_FORCE_DECODE, MOE_FLAG_FORCE_PREFILL, MOE_FLAG_PREFILL_SM90, MOE_FLAG_PDL,
-                    MOE_FLAG_PREFILL_WIDE, MOE_FLAG_DECODE_COMBINE);
+                    MOE_FLAG_PREFILL_WIDE, MOE_FLAG_DECODE_FUSED);
     const bool sm90 = p->flags & MOE_FLAG_PREFILL_SM90;
     if (sm90 && p->flags & MOE_FLAG_FORCE_DECODE)
         return fail("flags=%d: MOE_FLAG_PREFILL_SM90 (%d) selects prefill GEMMs; it cannot be combined with "
@@ -382,20 +401,24 @@ int enqueue(const MoeTop2Params& p, char* ws, cudaStream_t s) {
     // The sm_90a path's CUTLASS GEMMs do not wait on their predecessors: that path never uses PDL.
     const Launch launch{s, (p.flags & MOE_FLAG_PDL) && !sm90 && device_has_pdl()};
     const int rblocks = (T_ + kRouterWarps - 1) / kRouterWarps;
+    const Routing routing{offsets, counters, active, perm, tiles};
+    const bool fused = decode && (p.flags & MOE_FLAG_DECODE_FUSED);
+    const bool fuse_permute = fused && rblocks == 1;  // one router CTA: it permutes too
+    const Routing fuse_into = fuse_permute ? routing : Routing{};
     int rc = p.router_dtype == MOE_DTYPE_FP32
                  ? launch(router_kernel<T, float>, rblocks, kRouterWarps * 32, 0, hidden,
-                          static_cast<const float*>(p.router), T_, H, E, ids, wts)
+                          static_cast<const float*>(p.router), T_, H, E, ids, wts, fuse_into)
                  : launch(router_kernel<T, T>, rblocks, kRouterWarps * 32, 0, hidden, static_cast<const T*>(p.router),
-                          T_, H, E, ids, wts);
+                          T_, H, E, ids, wts, fuse_into);
     if (rc) return rc;
-    if ((rc = launch(permute_kernel, 1, 1024, 0, ids, A, E, offsets, counters, active, perm, tiles))) return rc;
+    if (!fuse_permute && (rc = launch(permute_kernel, 1, 1024, 0, ids, A, E, routing))) return rc;
 
     const int scale_fp32 = p.scale_dtype == MOE_DTYPE_FP32;
     T* out = static_cast<T*>(p.out);
     const GemmArgs g1{p.hidden, p.w13, p.w13_scale, act, offsets, perm, active, counters, tiles, H, I, scale_fp32,
                       nullptr, nullptr, T_};
     const GemmArgs g2{act, p.w2, p.w2_scale, y, offsets, perm, active, counters, tiles, I, H, scale_fp32, wts, out, T_};
-    const bool combined = decode && (p.flags & MOE_FLAG_DECODE_COMBINE);  // GEMM2 applies the combine
+
     int* row_of = reinterpret_cast<int*>(ws + L.row_of);
     if (sm90) {
         const Sm90PrefillArgs a{T_, H, I, E, std::is_same_v<T, __nv_bfloat16>, p.hidden, p.w13, p.w2, offsets, perm,
@@ -405,15 +428,15 @@ int enqueue(const MoeTop2Params& p, char* ws, cudaStream_t s) {
         const int groups = (min(T_, 64) + 7) / 8;  // most tokens one expert can get, 64 per pass
         const int nt = groups <= 1 ? 1 : groups <= 2 ? 2 : groups <= 4 ? 4 : 8;
         const int slots = min(E, A);  // active experts
-        rc = w8 ? decode_gemms<T, true>(nt, g1, g2, slots, combined, launch)
-                : decode_gemms<T, false>(nt, g1, g2, slots, combined, launch);
+        rc = w8 ? decode_gemms<T, true>(nt, g1, g2, slots, fused, launch)
+                : decode_gemms<T, false>(nt, g1, g2, slots, fused, launch);
     } else {
         const int max_tiles = (A + kBM - 1) / kBM + E;
         const bool wide = p.flags & MOE_FLAG_PREFILL_WIDE;
         rc = w8 ? prefill_gemms<T, true>(wide, g1, g2, max_tiles, launch)
                 : prefill_gemms<T, false>(wide, g1, g2, max_tiles, launch);
     }
-    if (rc || combined) return rc;
+    if (rc || fused) return rc;
     const size_t n8 = static_cast<size_t>(T_) * (H / 8);
     const unsigned cblocks = static_cast<unsigned>((n8 + 255) / 256);
     return sm90 ? launch(combine_kernel<T, true>, cblocks, 256, 0, y, row_of, wts, out, T_, H)

@@ -54,11 +54,12 @@ extern "C" {
  * per mma. Every output element sums its k in the same order, so the results are bit-identical.
  * No effect on the decode path or with MOE_FLAG_PREFILL_SM90. Opt-in: not yet measured on a GPU. */
 #define MOE_FLAG_PREFILL_WIDE 16
-/* On the decode path, GEMM2 runs one CTA per 16 output columns over every active expert in turn
- * (in place of one per 16 columns and expert) and applies the combine to its columns itself: four
- * launches instead of five, and the same weight bytes for every CTA. Bit-identical results. No
- * effect on the prefill paths. Opt-in: not yet measured on a GPU. */
-#define MOE_FLAG_DECODE_COMBINE 32
+/* Fused decode: on the decode path, up to 8 tokens (one router CTA) the router's CTA also builds
+ * the permutation, and GEMM2 runs one CTA per 16 output columns over every active expert in turn
+ * (in place of one per 16 columns and expert), then applies the combine to its columns itself:
+ * three launches instead of five (four above 8 tokens), and the same weight bytes for every CTA.
+ * Bit-identical results. No effect on the prefill paths. Opt-in: not yet measured on a GPU. */
+#define MOE_FLAG_DECODE_FUSED 32
 
 /* Tokens up to which the memory-bound decode path is chosen automatically (measured crossover
  * with the tensor-core path on an H200 at Mixtral dims: between 32 and 64 tokens for fp16/bf16

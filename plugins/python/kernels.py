@@ -28,7 +28,7 @@ FLAG_FORCE_PREFILL = 2
 FLAG_PREFILL_SM90 = 4  # prefill GEMMs on CUTLASS/wgmma (sm_90 + a 90a build; not yet validated on a GPU)
 FLAG_PDL = 8  # programmatic dependent launch on sm_90+ (bit-identical results; not yet measured on a GPU)
 FLAG_PREFILL_WIDE = 16  # mma.sync prefill with 128x256 tiles (bit-identical; not yet measured on a GPU)
-FLAG_DECODE_COMBINE = 32  # decode GEMM2 applies the combine: 4 launches (bit-identical; not yet measured)
+FLAG_DECODE_FUSED = 32  # decode in 3-4 launches: router+permute, GEMM2+combine (bit-identical; unmeasured)
 DECODE_MAX_TOKENS = 32  # auto path: memory-bound decode up to here (fp16/bf16 weights), tensor cores above
 DECODE_MAX_TOKENS_INT8 = 64  # the same for int8 weights
 

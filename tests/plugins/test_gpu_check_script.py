@@ -62,7 +62,7 @@ def test_command_line_help_needs_no_gpu():
     assert done.returncode == 0, done.stderr
     for option in ("--build-only", "--section", "--skip", "--timeout"):
         assert option in done.stdout
-    for section in ("sm90-sanitize", "breakdown", "pdl", "wide", "decode-combine"):
+    for section in ("sm90-sanitize", "breakdown", "pdl", "wide", "decode-fused"):
         assert section in done.stdout
 
 
@@ -155,7 +155,7 @@ class _StandInKernels:
     """kernels.py's surface that the pdl section uses, computing with the PyTorch reference on the
     CPU: flags change nothing, so a correct section passes, and a corrupted output must fail it."""
 
-    FLAG_FORCE_DECODE, FLAG_FORCE_PREFILL, FLAG_PREFILL_SM90, FLAG_PDL, FLAG_PREFILL_WIDE, FLAG_DECODE_COMBINE = (
+    FLAG_FORCE_DECODE, FLAG_FORCE_PREFILL, FLAG_PREFILL_SM90, FLAG_PDL, FLAG_PREFILL_WIDE, FLAG_DECODE_FUSED = (
         1, 2, 4, 8, 16, 32)
     KernelError = RuntimeError
     decode_path = staticmethod(kernels.decode_path)
@@ -176,8 +176,8 @@ class _StandInKernels:
         return out
 
 
-@pytest.mark.parametrize("section,corrupt", [("pdl", 0), ("pdl", 8), ("wide", 0), ("wide", 16), ("combine", 0),
-                                             ("combine", 32)])
+@pytest.mark.parametrize("section,corrupt", [("pdl", 0), ("pdl", 8), ("wide", 0), ("wide", 16), ("fused", 0),
+                                             ("fused", 32)])
 def test_option_sections_run_end_to_end_on_a_stand_in(gpu_check, monkeypatch, section, corrupt):
     """The pdl and wide sections' own logic (every comparison; for pdl the back-to-back run and the
     graph replays) on the CPU against a stand-in library, so that a device run is not lost to a bug
@@ -191,7 +191,7 @@ def test_option_sections_run_end_to_end_on_a_stand_in(gpu_check, monkeypatch, se
     monkeypatch.setattr(gpu_check, "graph_call", lambda kernels, p, ws, out, flags=0: (
         lambda: kernels.moe_top2_torch(**p, out=out, workspace=ws, flags=flags)))
     stand_in, results = _StandInKernels(corrupt), []
-    option = {"pdl": 8, "wide": 16, "combine": 32}[section]
+    option = {"pdl": 8, "wide": 16, "fused": 32}[section]
     assert getattr(gpu_check, f"section_{section}")(results, stand_in, reference) is None
     failed = [r["name"] for r in results if not r["ok"]]
     if corrupt:
@@ -251,14 +251,14 @@ def test_mixtral_section_times_every_option_on_a_stand_in(gpu_check, monkeypatch
     impls = {(r["impl"], r["T"]) for r in rows if r["kind"] == "bench"}
     for impl, T in [("ours", 1), ("ours[cuda graph]", 1), ("ours[pdl]", 1), ("ours[pdl, cuda graph]", 64),
                     ("ours[pdl]", 2048), ("ours[wide]", 2048), ("ours[sm90]", 2048), ("torch loop", 4096),
-                    ("ours[prefill path]", 16), ("ours[decode path]", 64), ("ours[combine]", 1),
-                    ("ours[pdl+combine, cuda graph]", 64)]:  # fmt: skip
+                    ("ours[prefill path]", 16), ("ours[decode path]", 64), ("ours[fused]", 1),
+                    ("ours[pdl+fused, cuda graph]", 64)]:  # fmt: skip
         assert (impl, T) in impls, (impl, T)
     assert ("ours[wide]", 64) not in impls and ("ours[sm90]", 64) not in impls
     gpu_check.print_table(rows)
     out = capsys.readouterr().out
     assert "stand-in GPU" in out and "sm90 path (speed-up > 1" in out
-    assert "programmatic dependent launch" in out and "wide prefill tiles" in out and "with the combine" in out
+    assert "programmatic dependent launch" in out and "wide prefill tiles" in out and "fused decode" in out
 
 
 def test_breakdown_section_prints_gaps_and_overlaps_on_a_stand_in(gpu_check, monkeypatch, capsys):
@@ -278,12 +278,12 @@ def test_breakdown_section_prints_gaps_and_overlaps_on_a_stand_in(gpu_check, mon
     gpu_check.section_breakdown(_StandInKernels(), rows)
     out = capsys.readouterr().out
     cases = [r["case"] for r in rows]
-    assert {"decode T=1", "decode T=1 pdl (cuda graph)", "decode T=1 pdl+combine (cuda graph)", "prefill T=2048 wide",
+    assert {"decode T=1", "decode T=1 pdl (cuda graph)", "decode T=1 pdl+fused (cuda graph)", "prefill T=2048 wide",
             "prefill T=2048 sm90"} <= set(cases)
     assert "kernels 14.0 us, first start to last end 12.0 us, overlap 2.0 us" in out
 
 
 def test_the_stand_in_speaks_the_bindings_flags():
     for flag in ("FLAG_FORCE_DECODE", "FLAG_FORCE_PREFILL", "FLAG_PREFILL_SM90", "FLAG_PDL", "FLAG_PREFILL_WIDE",
-                 "FLAG_DECODE_COMBINE"):
+                 "FLAG_DECODE_FUSED"):
         assert getattr(_StandInKernels, flag) == getattr(kernels, flag), flag

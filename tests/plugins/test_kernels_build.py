@@ -372,8 +372,8 @@ def test_workspace_size_is_the_layout_formula(lib, T, H, I, E):
         first = kernels.workspace_size(T, H, I, E, 2, act, lib=lib)
         assert first == kernels.workspace_size(T, H, I, E, 2, act, lib=lib) == workspace_formula(T, H, I, E)
         assert lib.mixtral_moe_top2_workspace_size(T, H, I, E, 2, act) == first  # the flag-free entry point
-        for flags in (kernels.FLAG_FORCE_DECODE, kernels.FLAG_FORCE_PREFILL, kernels.FLAG_PDL, kernels.FLAG_PREFILL_WIDE,
-                      kernels.FLAG_DECODE_COMBINE):
+        options = (kernels.FLAG_PDL, kernels.FLAG_PREFILL_WIDE, kernels.FLAG_DECODE_FUSED)
+        for flags in (kernels.FLAG_FORCE_DECODE, kernels.FLAG_FORCE_PREFILL, *options):
             assert kernels.workspace_size(T, H, I, E, 2, act, lib=lib, flags=flags) == first
         sm90 = kernels.workspace_size(T, H, I, E, 2, act, lib=lib, flags=kernels.FLAG_PREFILL_SM90)
         assert sm90 == workspace_formula(T, H, I, E, sm90=True)
@@ -470,7 +470,7 @@ def test_sm90_flag_without_a_gpu_is_refused(lib):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the fake pointers would be dereferenced")
 @pytest.mark.parametrize("flags", [0, kernels.FLAG_PDL, kernels.FLAG_PDL | kernels.FLAG_FORCE_PREFILL,
                                    kernels.FLAG_PREFILL_WIDE | kernels.FLAG_FORCE_PREFILL,
-                                   kernels.FLAG_DECODE_COMBINE | kernels.FLAG_PDL])
+                                   kernels.FLAG_DECODE_FUSED | kernels.FLAG_PDL])
 def test_enqueue_without_a_gpu_reports_the_cuda_error(lib, flags):
     with pytest.raises(kernels.KernelError, match="kernel launch failed: cuda"):  # past validation
         _enqueue(lib, flags=flags)
@@ -580,11 +580,11 @@ def test_kernels_match_the_reference_on_gpu(lib, T, mode, flags):
 @pytest.mark.parametrize("T", [1, 7, 65, 300])
 @pytest.mark.parametrize("mode", ["fp16", "int8"])
 @pytest.mark.parametrize("flags", [0, kernels.FLAG_FORCE_DECODE, kernels.FLAG_FORCE_PREFILL])
-@pytest.mark.parametrize("option", [kernels.FLAG_PDL, kernels.FLAG_PREFILL_WIDE, kernels.FLAG_DECODE_COMBINE,
-                                    kernels.FLAG_DECODE_COMBINE | kernels.FLAG_PDL])
+@pytest.mark.parametrize("option", [kernels.FLAG_PDL, kernels.FLAG_PREFILL_WIDE, kernels.FLAG_DECODE_FUSED,
+                                    kernels.FLAG_DECODE_FUSED | kernels.FLAG_PDL])
 def test_options_give_the_same_bits_on_gpu(lib, T, mode, flags, option):
     """MOE_FLAG_PDL changes when kernels start (a no-op before sm_90), MOE_FLAG_PREFILL_WIDE the
-    prefill tile's width, MOE_FLAG_DECODE_COMBINE which CTA computes what: none changes what any
+    prefill tile's width, MOE_FLAG_DECODE_FUSED which CTA computes what: none changes what any
     output element sums, nor in which order. H and I are multiples of 64 but not of 128 or 256, so
     wide tiles overhang both GEMMs' last columns."""
     p = _problem(T=T, H=320, I=576, E=8, seed=T, device="cuda")
