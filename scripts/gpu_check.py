@@ -10,15 +10,16 @@ sm_90 and the library holds the path. Its rows are benchmarked only after its se
 If that section fails, its tiny cases run again, after the benchmark and within the deadline, with
 synchronous launches (the error then names the step: gather, setup, GEMM1, silu, GEMM2) and under
 compute-sanitizer's memcheck where the toolkit has it; every failed comparison prints where the
-output is wrong (rows never written, rows left zero, error by expert and by column block). The "pdl" section checks MOE_FLAG_PDL
-(programmatic dependent launch, sm_90+): bit-identical to a plain enqueue, eagerly, back to back on
-one workspace with changing token counts, and replayed from CUDA graphs; only then does the
-benchmark add "ours[pdl]" rows. The "decode-fused" section checks MOE_FLAG_DECODE_FUSED (one
-router CTA permutes too; GEMM2 applies the combine), alone and with PDL, before its rows. The
-"wide" section checks MOE_FLAG_PREFILL_WIDE (128x256 mma.sync prefill tiles) the same way before
-"ours[wide]" rows are timed. The last section ("breakdown") profiles one-token decode (eager and
-as a CUDA graph, with and without PDL and fused decode) and 2048-token prefill at Mixtral dims:
-each launch's time, their sum, and the gaps between dependent launches.
+output is wrong (rows never written, rows left zero, error by expert and by column block).
+
+The "pdl" section checks MOE_FLAG_PDL (programmatic dependent launch, sm_90+): bit-identical to a
+plain enqueue, eagerly, back to back on one workspace with changing token counts, and replayed
+from CUDA graphs; only then does the benchmark add "ours[pdl]" rows. The "decode-fused" section
+checks MOE_FLAG_DECODE_FUSED (one router CTA permutes too; GEMM2 applies the combine), alone and
+with PDL, before its rows. The "wide" section checks MOE_FLAG_PREFILL_WIDE (128x256 mma.sync
+prefill tiles) the same way before "ours[wide]" rows are timed. The last section ("breakdown")
+profiles one-token decode (eager and as a CUDA graph, with and without PDL and fused decode) and
+2048-token prefill at Mixtral dims: each launch's time, their sum, and the gaps between dependent launches.
 
     python scripts/gpu_check.py                 # all sections (MIXTRAL_TRT_KERNELS_LIB or a build)
     python scripts/gpu_check.py --build-only    # build for this GPU's arch, print the library path
@@ -292,6 +293,14 @@ def option_matches(tag: str, option: int, p, flags: int, wmode: str, results, ke
                   results)  # fmt: skip
 
 
+def sweep(tag: str, option: int, cases, seed: int, results, kernels, reference) -> None:
+    """option_matches for every weight mode and every (T, flags) of ``cases`` at the small dims."""
+    for wmode in ("fp16", "bf16", "int8", "int8-bf16"):
+        for T, flags in cases:
+            option_matches(tag, option, make_problem(T, **SMALL, wmode=wmode, seed=seed + T), flags, wmode, results,
+                           kernels, reference)  # fmt: skip
+
+
 def section_pdl(results, kernels, reference) -> str | None:
     """MOE_FLAG_PDL against the reference and bit for bit against the same enqueue without it:
     every path and weight mode, skewed routing, back-to-back enqueues on one workspace with token
@@ -303,11 +312,8 @@ def section_pdl(results, kernels, reference) -> str | None:
         print(f"skip pdl: {why}", flush=True)
         return why
     pdl = kernels.FLAG_PDL
-    for wmode in ("fp16", "bf16", "int8", "int8-bf16"):
-        for T, flags in ((1, 0), (3, 0), (16, 0), (33, 0), (64, 0), (65, 0), (1024, 0),
-                         (300, kernels.FLAG_FORCE_DECODE), (5, kernels.FLAG_FORCE_PREFILL)):  # fmt: skip
-            option_matches("pdl", pdl, make_problem(T, **SMALL, wmode=wmode, seed=300 + T), flags, wmode, results,
-                           kernels, reference)  # fmt: skip
+    sweep("pdl", pdl, ((1, 0), (3, 0), (16, 0), (33, 0), (64, 0), (65, 0), (1024, 0), (300, kernels.FLAG_FORCE_DECODE),
+                       (5, kernels.FLAG_FORCE_PREFILL)), 300, results, kernels, reference)  # fmt: skip
     for routing in ("skew", "starve"):
         for T in (1, 65):
             p = make_problem(T, **SMALL, routing=routing, seed=7)
@@ -380,10 +386,7 @@ def section_fused(results, kernels, reference) -> str | None:
         print(f"skip decode-fused: {why}", flush=True)
         return why
     fused, decode = kernels.FLAG_DECODE_FUSED, kernels.FLAG_FORCE_DECODE
-    for wmode in ("fp16", "bf16", "int8", "int8-bf16"):
-        for T, flags in ((1, 0), (3, 0), (16, 0), (33, 0), (64, 0), (300, decode)):
-            option_matches("fused", fused, make_problem(T, **SMALL, wmode=wmode, seed=600 + T), flags, wmode,
-                           results, kernels, reference)  # fmt: skip
+    sweep("fused", fused, ((1, 0), (3, 0), (16, 0), (33, 0), (64, 0), (300, decode)), 600, results, kernels, reference)
     for routing in ("skew", "starve"):
         for T in (1, 65):
             option_matches(f"fused {routing}", fused, make_problem(T, **SMALL, routing=routing, seed=7), decode,
@@ -422,10 +425,9 @@ def section_wide(results, kernels, reference) -> str | None:
         print(f"skip wide: {why}", flush=True)
         return why
     wide, prefill = kernels.FLAG_PREFILL_WIDE, kernels.FLAG_FORCE_PREFILL
+    sweep("wide", wide, ((65, 0), (300, 0), (1024, 0), (4096, 0), (1, prefill), (7, prefill)), 500, results, kernels,
+          reference)  # fmt: skip
     for wmode in ("fp16", "bf16", "int8", "int8-bf16"):
-        for T, flags in ((65, 0), (300, 0), (1024, 0), (4096, 0), (1, prefill), (7, prefill)):
-            option_matches("wide", wide, make_problem(T, **SMALL, wmode=wmode, seed=500 + T), flags, wmode, results,
-                           kernels, reference)  # fmt: skip
         option_matches("wide H=320 I=192", wide, make_problem(300, 320, 192, 8, wmode=wmode, seed=501), 0, wmode,
                        results, kernels, reference)  # fmt: skip
     for routing in ("skew", "starve"):
