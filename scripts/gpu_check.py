@@ -305,8 +305,6 @@ def section_pdl(results, kernels, reference) -> str | None:
     """MOE_FLAG_PDL against the reference and bit for bit against the same enqueue without it:
     every path and weight mode, skewed routing, back-to-back enqueues on one workspace with token
     counts (so region offsets) changing between them, and CUDA-graph replays. Returns why skipped."""
-    import torch
-
     why = pdl_unavailable(kernels)
     if why is not None:
         print(f"skip pdl: {why}", flush=True)
@@ -334,10 +332,10 @@ def back_to_back_match(tag: str, flags: int, results, kernels, seq=(1, 16, 300, 
     ws = workspace_for(kernels, problems[seq.index(max(seq))])
     outs = [torch.full_like(q["hidden"], float("nan")) for q in problems]
     torch.cuda.synchronize()
-    for q, out in zip(problems, outs):
+    for q, out in zip(problems, outs, strict=True):
         kernels.moe_top2_torch(**q, out=out, workspace=ws, flags=flags)
     torch.cuda.synchronize()
-    for i, (q, out) in enumerate(zip(problems, outs)):
+    for i, (q, out) in enumerate(zip(problems, outs, strict=True)):
         same_bits(f"{tag} back to back #{i} T={seq[i]} == alone", out, kernels.moe_top2_torch(**q), results)
 
 
@@ -363,7 +361,7 @@ def graphs_match(tag: str, flags: int, results, kernels) -> None:
             replay()
             got.append(out.clone())
         torch.cuda.synchronize()
-        for i, (x, o) in enumerate(zip(fresh, got)):
+        for i, (x, o) in enumerate(zip(fresh, got, strict=True)):
             same_bits(f"{tag} cuda graph T={T} replay {i} == eager without", o,
                       kernels.moe_top2_torch(**dict(p, hidden=x)), results)  # fmt: skip
 
