@@ -650,7 +650,7 @@ def section_mixtral(results, kernels, reference, rows_out):
                 replay = graph_call(kernels, p, ws, out, flags=kernels.FLAG_PDL) if small else None
                 if replay is not None:
                     impls.append(("ours[pdl, cuda graph]", replay))
-            if no_fused is None and wmode != "bf16" and small:
+            if no_fused is None and wmode != "bf16" and kernels.decode_path(T, "int8" in wmode):  # decode only
                 fused = kernels.FLAG_DECODE_FUSED
                 impls.append(("ours[fused]", lambda p=p, ws=ws, out=out: kernels.moe_top2_torch(
                     **p, out=out, workspace=ws, flags=kernels.FLAG_DECODE_FUSED)))  # fmt: skip
