@@ -54,6 +54,14 @@ __device__ __forceinline__ uint4 map8(const uint4& a, const uint4& b, F f) {
     return o;
 }
 
+// The combine of eight output elements: w0 * a_i + w1 * b_i, each product rounded, then one rounded
+// sum (the same value in either order, and the reference's index_add into zeros). combine_kernel
+// and the fused decode GEMM2 both use it, so their results are the same bits.
+template <typename T>
+__device__ __forceinline__ uint4 combine8(const uint4& a, const uint4& b, float w0, float w1) {
+    return map8<T>(a, b, [=](float fa, float fb) { return __fadd_rn(__fmul_rn(w0, fa), __fmul_rn(w1, fb)); });
+}
+
 // Weights are streamed once: skip L1, ask L2 for 256-byte prefetch.
 __device__ __forceinline__ uint4 ld_stream(const void* p) {
     uint4 v;

@@ -190,7 +190,7 @@ __global__ void __launch_bounds__(decode_warps(NT) * 32) decode_gemm(GemmArgs g)
         decode_expert<T, W8, GATED, NT>(g, g.active[first_slot], n0, red);
     } else {
         for (int slot = 0; slot < n_active; ++slot) decode_expert<T, W8, GATED, NT>(g, g.active[slot], n0, red);
-        // out[t] = w0 * y[2t] + w1 * y[2t+1] over this CTA's columns, as combine_kernel computes it.
+        // out[t] = w0 * y[2t] + w1 * y[2t+1] over this CTA's columns (combine8, as combine_kernel).
         // This CTA wrote those y columns itself (visible after decode_expert's last __syncthreads);
         // read them through L2, not the read-only path.
         const T* y = static_cast<const T*>(g.out);
@@ -199,9 +199,8 @@ __global__ void __launch_bounds__(decode_warps(NT) * 32) decode_gemm(GemmArgs g)
             const size_t t = i >> 1, c = n0 + 8 * (i & 1);
             const uint4 a = __ldcg(reinterpret_cast<const uint4*>(y + 2 * t * N + c));
             const uint4 b = __ldcg(reinterpret_cast<const uint4*>(y + (2 * t + 1) * N + c));
-            const float w0 = g.wts[2 * t], w1 = g.wts[2 * t + 1];
             *reinterpret_cast<uint4*>(static_cast<T*>(g.final_out) + t * N + c) =
-                map8<T>(a, b, [=](float fa, float fb) { return __fadd_rn(__fmul_rn(w0, fa), __fmul_rn(w1, fb)); });
+                combine8<T>(a, b, g.wts[2 * t], g.wts[2 * t + 1]);
         }
     }
 }

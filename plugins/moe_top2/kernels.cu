@@ -150,10 +150,8 @@ __global__ void __launch_bounds__(1024) permute_kernel(const int* ids, int A, in
     permute_block(ids, A, E, r);
 }
 
-// out[t] = w0 * y[2t] + w1 * y[2t+1], each product rounded, then one rounded sum: the same
-// value in either order, and the same as the reference's index_add into zeros. PERMUTED (the
-// sm_90a path, whose GEMM2 cannot scatter rows): y holds permuted rows, assignment a is row
-// row_of[a]; the arithmetic is the same.
+// out[t] = w0 * y[2t] + w1 * y[2t+1] (combine8). PERMUTED (the sm_90a path, whose GEMM2 cannot
+// scatter rows): y holds permuted rows, assignment a is row row_of[a]; the arithmetic is the same.
 template <typename T, bool PERMUTED>
 __global__ void combine_kernel(const T* y, const int* row_of, const float* wts, T* out, int tokens, int H) {
     const int h8 = H / 8;
@@ -164,9 +162,7 @@ __global__ void combine_kernel(const T* y, const int* row_of, const float* wts, 
     const size_t ra = PERMUTED ? static_cast<size_t>(row_of[2 * t]) : 2 * t;
     const size_t rb = PERMUTED ? static_cast<size_t>(row_of[2 * t + 1]) : 2 * t + 1;
     const uint4 a = ld_cached(y + ra * H + c), b = ld_cached(y + rb * H + c);
-    const float w0 = wts[2 * t], w1 = wts[2 * t + 1];
-    *reinterpret_cast<uint4*>(out + t * H + c) =
-        map8<T>(a, b, [=](float fa, float fb) { return __fadd_rn(__fmul_rn(w0, fa), __fmul_rn(w1, fb)); });
+    *reinterpret_cast<uint4*>(out + t * H + c) = combine8<T>(a, b, wts[2 * t], wts[2 * t + 1]);
 }
 
 #ifdef MIXTRAL_MOE_NO_SM90_PATH
