@@ -614,26 +614,26 @@ def section_mixtral(results, kernels, reference, rows_out):
             ws = workspace_for(kernels, p, kernels.FLAG_PREFILL_SM90 if sm90_row else 0)  # sm90's covers both paths
             out = torch.empty_like(p["hidden"])
             reps = 50 if small else 10
-            impls = [("ours", lambda p=p, ws=ws, out=out: kernels.moe_top2_torch(**p, out=out, workspace=ws))]
+
+            def eager(flags=0, p=p, ws=ws, out=out):  # one enqueue of this problem into ws and out
+                return lambda: kernels.moe_top2_torch(**p, out=out, workspace=ws, flags=flags)
+
+            impls = [("ours", eager())]
             if sm90_row:
-                impls.append(("ours[sm90]", lambda p=p, ws=ws, out=out: kernels.moe_top2_torch(
-                    **p, out=out, workspace=ws, flags=kernels.FLAG_PREFILL_SM90)))  # fmt: skip
+                impls.append(("ours[sm90]", eager(kernels.FLAG_PREFILL_SM90)))
             replay = graph_call(kernels, p, ws, out) if small and wmode != "bf16" else None
             if replay is not None:
                 impls.append(("ours[cuda graph]", replay))
             if no_wide is None and not small:
-                impls.append(("ours[wide]", lambda p=p, ws=ws, out=out: kernels.moe_top2_torch(
-                    **p, out=out, workspace=ws, flags=kernels.FLAG_PREFILL_WIDE)))  # fmt: skip
+                impls.append(("ours[wide]", eager(kernels.FLAG_PREFILL_WIDE)))
             if no_pdl is None and wmode != "bf16" and (small or T == 2048):
-                impls.append(("ours[pdl]", lambda p=p, ws=ws, out=out: kernels.moe_top2_torch(
-                    **p, out=out, workspace=ws, flags=kernels.FLAG_PDL)))  # fmt: skip
+                impls.append(("ours[pdl]", eager(kernels.FLAG_PDL)))
                 replay = graph_call(kernels, p, ws, out, flags=kernels.FLAG_PDL) if small else None
                 if replay is not None:
                     impls.append(("ours[pdl, cuda graph]", replay))
             if no_fused is None and wmode != "bf16" and kernels.decode_path(T, "int8" in wmode):  # decode only
                 fused = kernels.FLAG_DECODE_FUSED
-                impls.append(("ours[fused]", lambda p=p, ws=ws, out=out: kernels.moe_top2_torch(
-                    **p, out=out, workspace=ws, flags=kernels.FLAG_DECODE_FUSED)))  # fmt: skip
+                impls.append(("ours[fused]", eager(fused)))
                 if no_pdl is None:
                     fused |= kernels.FLAG_PDL
                 replay = graph_call(kernels, p, ws, out, flags=fused)
@@ -643,8 +643,7 @@ def section_mixtral(results, kernels, reference, rows_out):
             if T in (16, 32, 64):
                 for path, flag in (("decode", kernels.FLAG_FORCE_DECODE), ("prefill", kernels.FLAG_FORCE_PREFILL)):
                     if kernels.decode_path(T, "int8" in wmode) != (path == "decode"):
-                        impls.append((f"ours[{path} path]", lambda p=p, ws=ws, out=out, flag=flag: kernels.moe_top2_torch(
-                            **p, out=out, workspace=ws, flags=flag)))  # fmt: skip
+                        impls.append((f"ours[{path} path]", eager(flag)))
             if "int8" not in wmode:
                 impls.append(("torch loop", lambda p=p: reference.moe_top2_loop(**p)))
             if wmode == "bf16" and hasattr(torch, "_grouped_mm"):
