@@ -159,23 +159,19 @@ def nvcc_commands(nvcc: str, archs, objects: Path, output: Path, cutlass: Path |
 
     ``cutlass``: CUTLASS's include directory; None builds kernels.cu alone, without the sm_90a path.
     """
-    threads = max(1, min(len(archs), os.cpu_count() or 1))
-    kernels_o, sm90_o = objects / "kernels.o", objects / "prefill_sm90.o"
+
+    def compile_(flags, archs_, source: str) -> tuple[list[str], str]:  # (command, object file)
+        obj = str(objects / (Path(source).stem + ".o"))
+        threads = max(1, min(len(archs_), os.cpu_count() or 1))
+        cmd = [nvcc, *flags, *gencode_flags(archs_), f"--threads={threads}", "-c", "-o", obj, str(SOURCE_DIR / source)]
+        return cmd, obj
+
     if cutlass is None:
-        return [
-            [nvcc, *FLAGS, NO_SM90_DEFINE, *gencode_flags(archs), f"--threads={threads}", "-c", "-o", str(kernels_o),
-             str(SOURCE_DIR / MAIN_SOURCE)],
-            [nvcc, *LINK_FLAGS, "-o", str(output), str(kernels_o)],
-        ]  # fmt: skip
-    sm90 = sm90_archs(archs)
-    return [
-        [nvcc, *FLAGS, *gencode_flags(archs), f"--threads={threads}", "-c", "-o", str(kernels_o),
-         str(SOURCE_DIR / MAIN_SOURCE)],
-        [nvcc, *sm90_compile_flags(cutlass), *gencode_flags(sm90),
-         f"--threads={max(1, min(len(sm90), os.cpu_count() or 1))}", "-c", "-o", str(sm90_o),
-         str(SOURCE_DIR / SM90_SOURCE)],
-        [nvcc, *LINK_FLAGS, "-o", str(output), str(kernels_o), str(sm90_o)],
-    ]  # fmt: skip
+        kernels_cc, kernels_o = compile_([*FLAGS, NO_SM90_DEFINE], archs, MAIN_SOURCE)
+        return [kernels_cc, [nvcc, *LINK_FLAGS, "-o", str(output), kernels_o]]
+    kernels_cc, kernels_o = compile_(FLAGS, archs, MAIN_SOURCE)
+    sm90_cc, sm90_o = compile_(sm90_compile_flags(cutlass), sm90_archs(archs), SM90_SOURCE)
+    return [kernels_cc, sm90_cc, [nvcc, *LINK_FLAGS, "-o", str(output), kernels_o, sm90_o]]
 
 
 def _run_nvcc(commands: list[list[str]]) -> None:
