@@ -1,8 +1,16 @@
 #!/usr/bin/env python3
 """GPU check of the MoETop2 kernels: correctness against the PyTorch reference, then speed.
 
+The plain run is the kernels' acceptance check and keeps to 5 minutes (--deadline 285, the build
+by gpu_check.sh included): fp16/bf16/int8 against the reference for 1...4096 tokens with random
+and skewed routing, the sm_90a path's checks, then the speed table at Mixtral's dims against the
+PyTorch loop and torch._grouped_mm. --extended (--deadline 540, one 10-minute device call) adds
+the opt-in options' checks, their rows in the table and a per-launch profile.
+
 Each section runs in its own subprocess (a kernel fault poisons a CUDA context; the other
-sections still report). Prints a PASS/FAIL summary and exits non-zero on any failure.
+sections still report). A section prints each result and table row as it gets it, so what it
+measured is kept when it hangs, crashes or is stopped at the deadline. Prints a PASS/FAIL
+summary (INCOMPLETE when the deadline left something out) and exits non-zero unless PASS.
 
 The sm_90a prefill path (MOE_FLAG_PREFILL_SM90, CUTLASS grouped GEMMs) has its own section and
 benchmark rows ("ours[sm90]"); both are skipped, with the reason printed, unless the device is
@@ -12,16 +20,18 @@ synchronous launches (the error then names the step: gather, setup, GEMM1, silu,
 compute-sanitizer's memcheck where the toolkit has it; every failed comparison prints where the
 output is wrong (rows never written, rows left zero, error by expert and by column block).
 
-The "pdl" section checks MOE_FLAG_PDL (programmatic dependent launch, sm_90+): bit-identical to a
-plain enqueue, eagerly, back to back on one workspace with changing token counts, and replayed
-from CUDA graphs; only then does the benchmark add "ours[pdl]" rows. The "decode-fused" section
-checks MOE_FLAG_DECODE_FUSED (one router CTA permutes too; GEMM2 applies the combine), alone and
-with PDL, before its rows. The "wide" section checks MOE_FLAG_PREFILL_WIDE (128x256 mma.sync
-prefill tiles) the same way before "ours[wide]" rows are timed. The last section ("breakdown")
-profiles one-token decode (eager and as a CUDA graph, with and without PDL and fused decode) and
-2048-token prefill at Mixtral dims: each launch's time, their sum, and the gaps between dependent launches.
+With --extended: the "pdl" section checks MOE_FLAG_PDL (programmatic dependent launch, sm_90+):
+bit-identical to a plain enqueue, eagerly, back to back on one workspace with changing token
+counts, and replayed from CUDA graphs; only then does the table add "ours[pdl]" rows. The
+"decode-fused" section checks MOE_FLAG_DECODE_FUSED (one router CTA permutes too; GEMM2 applies
+the combine), alone and with PDL, before its rows. The "wide" section checks
+MOE_FLAG_PREFILL_WIDE (128x256 mma.sync prefill tiles) the same way before "ours[wide]" rows are
+timed. The last section ("breakdown") profiles one-token decode (eager and as a CUDA graph, with
+and without PDL and fused decode) and 2048-token prefill at Mixtral dims: each launch's time,
+their sum, and the gaps between dependent launches.
 
-    python scripts/gpu_check.py                 # all sections (MIXTRAL_TRT_KERNELS_LIB or a build)
+    python scripts/gpu_check.py                 # the check and the table (MIXTRAL_TRT_KERNELS_LIB or a build)
+    python scripts/gpu_check.py --extended      # and the options, and the per-launch profile
     python scripts/gpu_check.py --build-only    # build for this GPU's arch, print the library path
     python scripts/gpu_check.py --section NAME  # one section in this process
 """
@@ -41,8 +51,12 @@ import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTIONS = ("decode", "prefill", "int8-decode", "int8-prefill", "special", "pdl", "decode-fused", "wide", "sm90",
+# The issue's check (correctness, then the speed table) and, with --extended, the opt-in options'
+# checks before the table (so it times them too) and the per-launch profile after it.
+CORE_SECTIONS = ("decode", "prefill", "int8-decode", "int8-prefill", "special", "sm90", "mixtral")
+SECTIONS = ("decode", "prefill", "int8-decode", "int8-prefill", "special", "sm90", "pdl", "decode-fused", "wide",
             "mixtral", "breakdown")
+DEADLINE = {False: 285, True: 540}  # --extended: default --deadline; the plain run keeps under 5 minutes
 EXTRA_SECTIONS = ("sanitize", "sm90-sanitize")  # a few tiny cases, to run under compute-sanitizer
 TOKENS = (1, 2, 3, 7, 16, 64, 65, 300, 1024, 4096)
 SMALL = dict(H=512, I=1024, E=8)
@@ -55,9 +69,11 @@ GATE_ENV = {"sm90": "MIXTRAL_GPU_CHECK_SM90", "pdl": "MIXTRAL_GPU_CHECK_PDL", "w
             "decode-fused": "MIXTRAL_GPU_CHECK_DECODE_FUSED"}
 SM90_BENCH_TOKENS = (512, 2048, 4096)
 # The sm90 section takes seconds when it works; a hang there (a GEMM waiting on a TMA barrier)
-# must leave time for the benchmark in one device call.
-SECTION_TIMEOUT = {"sm90": 150}
+# must leave time for the speed table within the plain run's 5 minutes.
+SECTION_TIMEOUT = {"sm90": 90}
 MIN_SECTION_S = 20  # --deadline: a section that would start with less than this left is skipped
+UNTIL_ENV = "MIXTRAL_GPU_CHECK_UNTIL"  # main -> a section: the time.time() at which it is stopped
+STEP_S = 15  # the mixtral section starts a token count only with this many seconds left
 
 
 def import_plugins():
@@ -574,7 +590,15 @@ def ceilings() -> tuple[float, float]:
     return bw, 2 * 8192**3 / (us_mm * 1e-6)
 
 
-def section_mixtral(results, kernels, reference, rows_out):
+# The token counts of the speed table, the issue's targets first (one-token decode, 2048-token
+# prefill), so that a run cut short by its deadline still has them; the table sorts them.
+BENCH_TOKENS = (1, 2048, 64, 4, 512, 4096, 16, 8, 32)
+
+
+def section_mixtral(results, kernels, reference, rows_out, cut=None):
+    """Mixtral dims: a few checks against the reference, the copy and matmul ceilings, then the
+    speed table (every token count of BENCH_TOKENS x weight mode; each option's rows only after its
+    section passed). Token counts that would start with under STEP_S seconds left go to ``cut``."""
     import torch
 
     H, I, E = MIXTRAL["H"], MIXTRAL["I"], MIXTRAL["E"]
@@ -587,22 +611,23 @@ def section_mixtral(results, kernels, reference, rows_out):
     for wmode, T in (("fp16", 1), ("fp16", 64), ("fp16", 512), ("int8-bf16", 1), ("int8-bf16", 512), ("bf16", 2048)):
         p = dict(problems[wmode], hidden=problems[wmode]["hidden"][:T].contiguous())
         check(f"Mixtral dims {wmode} T={T}", p, 0, wmode, results, kernels, reference)
-    no_sm90, no_pdl, no_wide, no_fused = (bench_reason(o, kernels) for o in ("sm90", "pdl", "wide", "decode-fused"))
-    if no_sm90 is not None:
-        print(f"  sm90 rows left out: {no_sm90}", flush=True)
-    if no_pdl is not None:
-        print(f"  pdl rows left out: {no_pdl}", flush=True)
-    if no_wide is not None:
-        print(f"  wide rows left out: {no_wide}", flush=True)
-    if no_fused is not None:
-        print(f"  decode-fused rows left out: {no_fused}", flush=True)
-    else:
+    reasons = {o: bench_reason(o, kernels) for o in ("sm90", "pdl", "wide", "decode-fused")}
+    for option, why in reasons.items():
+        if why is not None:
+            print(f"  {option} rows left out: {why}", flush=True)
+    no_sm90, no_pdl, no_wide, no_fused = reasons.values()
+    if no_sm90 is None:
         for wmode, T in (("fp16", 512), ("bf16", 2048)):
             p = dict(problems[wmode], hidden=problems[wmode]["hidden"][:T].contiguous())
             check(f"Mixtral dims {wmode} T={T} sm90", p, kernels.FLAG_PREFILL_SM90, wmode, results, kernels, reference)
     w13_t = problems["bf16"]["w13"].transpose(1, 2)
     w2_t = problems["bf16"]["w2"].transpose(1, 2)
-    for T in (1, 4, 8, 16, 32, 64, 512, 2048, 4096):
+    for T in BENCH_TOKENS:
+        if seconds_left() < STEP_S:
+            print(f"  T={T}: not timed, {max(seconds_left(), 0):.0f} s left", flush=True)
+            if cut is not None:
+                cut.append(f"T={T}")
+            continue
         small = T <= 64
         for wmode in ("fp16", "bf16", "int8-bf16"):
             p = dict(problems[wmode], hidden=problems[wmode]["hidden"][:T].contiguous())
@@ -772,6 +797,43 @@ def section_breakdown(kernels, rows_out):
 # --- driver -----------------------------------------------------------------------------------
 
 
+class Streamed(list):
+    """A section's results or rows: each append is printed at once as one "@@<TAG> <json>" line,
+    so what a section measured reaches main even when the section hangs or crashes later."""
+
+    def __init__(self, tag: str):
+        super().__init__()
+        self.tag = tag
+
+    def append(self, item) -> None:
+        super().append(item)
+        print(f"@@{self.tag} " + json.dumps(item), flush=True)
+
+
+def seconds_left() -> float:
+    """Seconds before main stops this section (its --timeout, or what --deadline leaves); run by
+    hand with --section, no limit."""
+    until = os.environ.get(UNTIL_ENV)
+    return float(until) - time.time() if until else math.inf
+
+
+def parse_section_output(text: str):
+    """A section's output -> (its other lines, its streamed results, its streamed rows, its summary
+    or None when it never got to print one: it hung or crashed)."""
+    lines, results, rows, summary = [], [], [], None
+    for line in text.splitlines():
+        tag, _, body = line.partition(" ")
+        if tag == "@@RESULT":
+            results.append(json.loads(body))
+        elif tag == "@@ROW":
+            rows.append(json.loads(body))
+        elif tag == "@@SUMMARY":
+            summary = json.loads(body)
+        else:
+            lines.append(line)
+    return lines, results, rows, summary
+
+
 def run_section(name: str) -> int:
     import torch
 
@@ -779,7 +841,7 @@ def run_section(name: str) -> int:
     torch.backends.cudnn.allow_tf32 = False
     _, kernels, reference = import_plugins()
     kernels.load_library()
-    results, rows, skipped = [], [], None
+    results, rows, skipped, cut = Streamed("RESULT"), Streamed("ROW"), None, []
     start = time.monotonic()
     try:
         if name in ("decode", "prefill"):
@@ -797,7 +859,7 @@ def run_section(name: str) -> int:
         elif name == "sm90":
             skipped = section_sm90(results, kernels, reference)
         elif name == "mixtral":
-            section_mixtral(results, kernels, reference, rows)
+            section_mixtral(results, kernels, reference, rows, cut)
         elif name == "breakdown":
             section_breakdown(kernels, rows)
         elif name == "sm90-sanitize":  # empty experts (group 0 included), one partial tile, odd dims
@@ -814,8 +876,7 @@ def run_section(name: str) -> int:
     except Exception:  # noqa: BLE001
         traceback.print_exc()
         results.append(dict(name=f"{name}: uncaught error", ok=False, err=None, note=traceback.format_exc(limit=2)))
-    summary = dict(section=name, seconds=round(time.monotonic() - start, 1), results=results, rows=rows,
-                   skipped=skipped)  # fmt: skip
+    summary = dict(section=name, seconds=round(time.monotonic() - start, 1), skipped=skipped, cut=cut)
     print("@@SUMMARY " + json.dumps(summary), flush=True)
     return 0
 
@@ -832,9 +893,8 @@ def print_table(rows) -> None:
           f"{'TFLOP/s':>8s} {'%MMA':>5s} {'t/ours':>7s}"  # fmt: skip
     print(hdr)
     print("-" * len(hdr))
-    for r in rows:
-        if r["kind"] != "bench":
-            continue
+    order = list(WMODES)
+    for r in sorted((r for r in rows if r["kind"] == "bench"), key=lambda r: (r["T"], order.index(r["wmode"]))):
         bw100, bw200 = (r["gbs"] * 1e9 / ROOFLINE[k][0] * 100 for k in ("H100 SXM", "H200"))
         vs = f"{r['vs_ours']:.2f}" if r["vs_ours"] else "-"
         print(f"{r['wmode']:9s} {r['T']:5d} {r['impl']:20s} {r['experts']:7d} {r['us']:10.1f} {r['gbs']:7.0f} "
@@ -922,7 +982,7 @@ def diagnose_sm90(env, seconds_left: float) -> None:
         text, code = run_captured(cmd, timeout, run_env)
         if code == "timeout":  # what it printed before it hung says which case hung
             text += f"\n(timed out after {timeout} s: a hang, not a slow run)"
-        lines = [ln for ln in text.splitlines() if not ln.startswith("@@SUMMARY ")]
+        lines = parse_section_output(text)[0]
         print("\n".join(lines[:80] + (["..."] if len(lines) > 80 else [])), flush=True)
     if not sanitizer:
         print("(compute-sanitizer not found: memcheck skipped)", flush=True)
@@ -939,12 +999,16 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--build-only", action="store_true", help="build for this GPU's arch and print the path")
     ap.add_argument("--section", choices=SECTIONS + EXTRA_SECTIONS, help="run one section in this process")
+    ap.add_argument("--extended", action="store_true",
+                    help="also check the opt-in options (pdl, decode-fused, wide), time them in the speed table "
+                         f"and profile each launch (breakdown); --deadline then defaults to {DEADLINE[True]}")
     ap.add_argument("--skip", action="append", default=[], choices=SECTIONS, help="sections to leave out")
     ap.add_argument("--timeout", type=float, default=240, help="seconds per section [240]")
-    ap.add_argument("--deadline", type=float, default=540,
-                    help="seconds for the whole run, so it fits one device call: each section's limit is cut to "
-                         f"what is left, and a section that would start with under {MIN_SECTION_S} s left is "
-                         "skipped and named in the verdict [540]")  # fmt: skip
+    ap.add_argument("--deadline", type=float, default=None,
+                    help="seconds for the whole run, the build by gpu_check.sh included: each section's limit is "
+                         f"cut to what is left, a section that would start with under {MIN_SECTION_S} s left is "
+                         f"skipped and named in the verdict [{DEADLINE[False]}, so the run ends within 5 minutes; "
+                         f"{DEADLINE[True]} with --extended, within one 10-minute device call]")  # fmt: skip
     args = ap.parse_args()
     if args.build_only:
         build, _, _ = import_plugins()
@@ -953,44 +1017,47 @@ def main() -> int:
     if args.section:
         return run_section(args.section)
 
-    results, rows, crashed, out_of_time, diagnose = [], [], [], [], False
-    start = time.monotonic()
+    deadline = DEADLINE[args.extended] if args.deadline is None else args.deadline
+    started = os.environ.get("MIXTRAL_GPU_CHECK_STARTED")  # gpu_check.sh: time.time() before its build
+    spent = max(0.0, time.time() - float(started)) if started else 0.0
+    results, rows, out_of_time, diagnose = [], [], [], False
+    start = time.monotonic() - spent
     env = dict(os.environ)
     for option, var in GATE_ENV.items():
-        env.setdefault(var, f"0:the {option} section was skipped (--skip {option})")
-    for name in (s for s in SECTIONS if s not in args.skip):
-        left = args.deadline - (time.monotonic() - start)
+        why = f"--skip {option}" if option in args.skip else "run with --extended to check and time it"
+        env.setdefault(var, f"0:the {option} section was not run ({why})")
+    chosen = SECTIONS if args.extended else CORE_SECTIONS
+    for name in (s for s in chosen if s not in args.skip):
+        left = deadline - (time.monotonic() - start)
         if left < MIN_SECTION_S:
-            print(f"\n=== section {name}: skipped, {max(left, 0):.0f} s of the {args.deadline:.0f} s deadline left ===",
+            print(f"\n=== section {name}: skipped, {max(left, 0):.0f} s of the {deadline:.0f} s deadline left ===",
                   flush=True)  # fmt: skip
             out_of_time.append(name)
             continue
         print(f"\n=== section {name} ===", flush=True)
         cmd = [sys.executable, str(Path(__file__).resolve()), "--section", name]
         timeout = min(args.timeout, SECTION_TIMEOUT.get(name, args.timeout), left)
+        env[UNTIL_ENV] = str(time.time() + timeout - 5)  # the section winds down before it is stopped
         text, code = run_captured(cmd, timeout, env)
-        summary = None
-        for line in text.splitlines():
-            if line.startswith("@@SUMMARY "):
-                summary = json.loads(line[len("@@SUMMARY "):])
-            else:
-                print(line)
+        lines, got, got_rows, summary = parse_section_output(text)
+        print("\n".join(lines), flush=True)
+        results += got  # what it measured, even if it then hung or crashed
+        rows += got_rows
         if name in GATE_ENV:  # bench an option's rows only after it passed its checks
             skipped = summary["skipped"] if summary else None
-            failed = summary is None or skipped or not all(r["ok"] for r in summary["results"])
+            failed = summary is None or skipped or not all(r["ok"] for r in got)
             env[GATE_ENV[name]] = f"0:{skipped or f'the {name} section crashed or failed'}" if failed else "1"
             diagnose = diagnose or (name == "sm90" and failed and not skipped)
         if summary is None:
-            crashed.append(name)
-            results.append(dict(name=f"section {name} crashed (exit {code})", ok=False, err=None, note=""))
+            why = f"stopped after {timeout:.0f} s" if code == "timeout" else f"exit {code}"
+            results.append(dict(name=f"section {name} crashed or hung ({why})", ok=False, err=None, note=""))
         else:
-            results += summary["results"]
-            rows += summary["rows"]
+            out_of_time += [f"{name} {c}" for c in summary.get("cut", [])]
             print(f"--- {name}: {summary['seconds']} s", flush=True)
         save_json(results, rows, out_of_time)  # after every section: a run cut short keeps what it measured
     save_json(results, rows, out_of_time)
     if diagnose:  # after the benchmark, so that a hang being diagnosed costs no measurements
-        diagnose_sm90(env, args.deadline - (time.monotonic() - start))
+        diagnose_sm90(env, deadline - (time.monotonic() - start))
     print_table(rows)
     failed = [r for r in results if not r["ok"]]
     errs = [r["err"] for r in results if r.get("err") is not None]

@@ -4,8 +4,10 @@ bug in the script (its problems' routing, the failure diagnosis, the command lin
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -60,7 +62,7 @@ def test_diagnosis_locates_the_wrong_rows(gpu_check):
 def test_command_line_help_needs_no_gpu():
     done = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr
-    for option in ("--build-only", "--section", "--skip", "--timeout"):
+    for option in ("--build-only", "--section", "--skip", "--timeout", "--extended", "--deadline"):
         assert option in done.stdout
     for section in ("sm90-sanitize", "breakdown", "pdl", "wide", "decode-fused"):
         assert section in done.stdout
@@ -122,33 +124,121 @@ def test_option_summary_compares_like_with_like(gpu_check, capsys):
     assert "(1.011x); 556 TFLOP/s = 56% of 989" in prefill and "bandwidth" not in prefill
 
 
-def test_the_deadline_cuts_sections_and_says_so(gpu_check, monkeypatch, tmp_path, capsys):
+def _section_output(name: str, ok: bool = True, rows=(), summary: bool = True, cut=()) -> str:
+    """What a section prints: a log line, its result and rows as it gets them, then its summary."""
+    lines = [f"log of {name}", "@@RESULT " + json.dumps(dict(name=name, ok=ok, err=None, note=""))]
+    lines += ["@@ROW " + json.dumps(r) for r in rows]
+    if summary:
+        lines.append("@@SUMMARY " + json.dumps(dict(section=name, seconds=1.0, skipped=None, cut=list(cut))))
+    return "\n".join(lines)
+
+
+def _main(gpu_check, monkeypatch, argv, fake_run, clock=None):
+    monkeypatch.setattr(gpu_check, "run_captured", fake_run)
+    monkeypatch.delenv("MIXTRAL_GPU_CHECK_STARTED", raising=False)
+    for var in gpu_check.GATE_ENV.values():
+        monkeypatch.delenv(var, raising=False)
+    if clock is not None:
+        monkeypatch.setattr(gpu_check.time, "monotonic", lambda: clock[0])
+        monkeypatch.setattr(gpu_check.time, "time", lambda: clock[0])
+    monkeypatch.setattr(sys, "argv", ["gpu_check.py", *argv])
+    return gpu_check.main()
+
+
+@pytest.mark.parametrize("extended", [False, True])
+def test_the_deadline_cuts_sections_and_says_so(gpu_check, monkeypatch, tmp_path, capsys, extended):
     """One device call has a fixed limit: sections share --deadline, each is cut to what is left,
     the ones that no longer fit are named, and the JSON in $OUT is rewritten after every section."""
     clock = [1000.0]
-    limits = {}
+    limits, untils = {}, {}
+
+    def fake_run(cmd, timeout, env):
+        name = cmd[cmd.index("--section") + 1]
+        limits[name], untils[name] = timeout, float(env[gpu_check.UNTIL_ENV]) - clock[0]
+        clock[0] += 100.0  # every section takes 100 s
+        return _section_output(name), 0
+
+    monkeypatch.setenv("OUT", str(tmp_path))
+    argv = ["--deadline", "330", "--skip", "sm90"] + ["--extended"] * extended
+    assert _main(gpu_check, monkeypatch, argv, fake_run, clock) == 1
+    out = capsys.readouterr().out
+    chosen = [s for s in (gpu_check.SECTIONS if extended else gpu_check.CORE_SECTIONS) if s != "sm90"]
+    ran = chosen[:4]  # 0, 100, 200, 300 s: the 4th starts with 30 s left
+    assert list(limits) == ran
+    assert limits[ran[0]] == 240 and limits[ran[3]] == 30  # --timeout, then what the deadline leaves
+    assert untils[ran[0]] == 235 and untils[ran[3]] == 25  # the section winds down 5 s before it is stopped
+    late = chosen[4:]
+    assert f"INCOMPLETE: 4 passed, 0 failed; not run, out of time: {', '.join(late)}" in out
+    assert "log of decode" in out and "@@" not in out
+    saved = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert [r["name"] for r in saved["results"]] == ran and saved["out_of_time"] == late
+
+
+def test_the_plain_run_keeps_to_five_minutes_and_counts_the_build(gpu_check, monkeypatch, capsys):
+    """The issue's check ends within 5 minutes: the plain run's deadline is 285 s from the start of
+    gpu_check.sh (its build included); the options wait for --extended, and their rows say why."""
+    clock = [1000.0]
+    limits, gates = {}, {}
 
     def fake_run(cmd, timeout, env):
         name = cmd[cmd.index("--section") + 1]
         limits[name] = timeout
-        clock[0] += 100.0  # every section takes 100 s
-        summary = dict(section=name, seconds=100.0, results=[dict(name=name, ok=True, err=None, note="")], rows=[],
-                       skipped=None)
-        return "@@SUMMARY " + json.dumps(summary), 0
+        gates[name] = {o: env[v] for o, v in gpu_check.GATE_ENV.items()}
+        clock[0] += 10.0
+        return _section_output(name), 0
 
     monkeypatch.setattr(gpu_check, "run_captured", fake_run)
     monkeypatch.setattr(gpu_check.time, "monotonic", lambda: clock[0])
-    monkeypatch.setenv("OUT", str(tmp_path))
-    monkeypatch.setattr(sys, "argv", ["gpu_check.py", "--deadline", "330", "--skip", "sm90"])
-    assert gpu_check.main() == 1
+    monkeypatch.setattr(gpu_check.time, "time", lambda: clock[0])
+    monkeypatch.setenv("MIXTRAL_GPU_CHECK_STARTED", str(clock[0] - 230))  # the build took 230 s
+    for var in gpu_check.GATE_ENV.values():
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(sys, "argv", ["gpu_check.py"])
+    assert gpu_check.main() == 1  # 55 s left after the build: the last three sections do not fit
+    assert list(limits) == ["decode", "prefill", "int8-decode", "int8-prefill"] and limits["decode"] == 55
+    assert gates["decode"]["pdl"] == "0:the pdl section was not run (run with --extended to check and time it)"
+    assert gates["decode"]["sm90"].startswith("0:the sm90 section was not run")
     out = capsys.readouterr().out
-    ran = [s for s in gpu_check.SECTIONS if s != "sm90"][:4]  # 0, 100, 200, 300 s: the 4th starts with 30 s left
-    assert list(limits) == ran
-    assert limits[ran[0]] == 240 and limits[ran[3]] == 30  # --timeout, then what the deadline leaves
-    late = [s for s in gpu_check.SECTIONS if s not in ran and s != "sm90"]
-    assert f"INCOMPLETE: 4 passed, 0 failed; not run, out of time: {', '.join(late)}" in out
+    assert "INCOMPLETE: 4 passed, 0 failed; not run, out of time: special, sm90, mixtral (" in out
+
+
+def test_a_section_that_hangs_keeps_what_it_measured(gpu_check, monkeypatch, tmp_path, capsys):
+    """A section stopped at its limit (or crashed) never prints its summary: its results and rows
+    printed so far are kept, it counts as failed, an option it checks is not timed, and the speed
+    rows of a benchmark cut short reach the table and the JSON."""
+    row = dict(kind="bench", wmode="fp16", T=1, impl="ours", us=216.0, experts=2, gbs=3259.0, tflops=0.1, vs_ours=1.0)
+    gates = {}
+
+    def fake_run(cmd, timeout, env):
+        name = cmd[cmd.index("--section") + 1]
+        gates[name] = env[gpu_check.GATE_ENV["pdl"]]
+        if name == "pdl":  # hangs after its first result
+            return _section_output(name, summary=False), "timeout"
+        if name == "mixtral":  # crashes after its first row
+            return _section_output(name, rows=[row], summary=False), -11
+        return _section_output(name), 0
+
+    monkeypatch.setenv("OUT", str(tmp_path))
+    assert _main(gpu_check, monkeypatch, ["--extended"], fake_run) == 1
+    out = capsys.readouterr().out
+    assert "FAILED section pdl crashed or hung (stopped after" in out
+    assert "FAILED section mixtral crashed or hung (exit -11)" in out
+    assert gates["mixtral"] == "0:the pdl section crashed or failed"
+    table = out[out.index("GB/s = bytes"):]
+    assert "  216.0" in table
     saved = json.loads((tmp_path / "gpu_check.json").read_text())
-    assert [r["name"] for r in saved["results"]] == ran and saved["out_of_time"] == late
+    assert saved["rows"] == [row] and {"pdl", "mixtral"} <= {r["name"] for r in saved["results"]}
+
+
+def test_a_section_streams_its_results_and_rows(gpu_check, capsys):
+    results, rows = gpu_check.Streamed("RESULT"), gpu_check.Streamed("ROW")
+    results.append(dict(name="a", ok=True, err=float("nan"), note=""))
+    rows.append(dict(kind="breakdown", case="decode T=1", busy_us=1.0, span_us=2.0, launches=[["router", 1.0]]))
+    print("@@SUMMARY " + json.dumps(dict(section="x", seconds=1.0, skipped=None, cut=["T=4096"])))
+    lines, got, got_rows, summary = gpu_check.parse_section_output("plain line\n" + capsys.readouterr().out)
+    assert lines == ["plain line"] and got[0]["name"] == "a" and math.isnan(got[0]["err"])
+    assert got_rows == list(rows) and summary["cut"] == ["T=4096"]
+    assert gpu_check.parse_section_output("@@RESULT " + json.dumps(dict(name="b", ok=False)))[3] is None
 
 
 class _StandInKernels:
@@ -210,15 +300,11 @@ def test_a_failed_sm90_section_is_diagnosed_after_the_benchmark(gpu_check, monke
         ok = name != "sm90"
         if name == "mixtral":  # the sm90 rows are left out: its section failed
             assert env[gpu_check.GATE_ENV["sm90"]] == "0:the sm90 section crashed or failed"
-        summary = dict(section=name, seconds=1.0, results=[dict(name=name, ok=ok, err=None, note="")], rows=[],
-                       skipped=None)
-        return "@@SUMMARY " + json.dumps(summary), 0
+        return _section_output(name, ok), 0
 
-    monkeypatch.setattr(gpu_check, "run_captured", fake_run)
     monkeypatch.setattr(gpu_check, "diagnose_sm90", lambda env, seconds_left: order.append("diagnosis"))
     monkeypatch.delenv("OUT", raising=False)
-    monkeypatch.setattr(sys, "argv", ["gpu_check.py"])
-    assert gpu_check.main() == 1
+    assert _main(gpu_check, monkeypatch, ["--extended"], fake_run) == 1
     assert order == [*gpu_check.SECTIONS, "diagnosis"]
     assert f"FAIL: {len(gpu_check.SECTIONS) - 1} passed, 1 failed" in capsys.readouterr().out
 
@@ -287,3 +373,48 @@ def test_the_stand_in_speaks_the_bindings_flags():
     for flag in ("FLAG_FORCE_DECODE", "FLAG_FORCE_PREFILL", "FLAG_PREFILL_SM90", "FLAG_PDL", "FLAG_PREFILL_WIDE",
                  "FLAG_DECODE_FUSED"):
         assert getattr(_StandInKernels, flag) == getattr(kernels, flag), flag
+
+
+@pytest.mark.parametrize("failed", ["sm90", "decode-fused"])
+def test_each_option_is_left_out_of_the_table_on_its_own_verdict(gpu_check, monkeypatch, failed):
+    """One option's failed section leaves out that option's checks and rows, and only those: the
+    sm90 path is never launched at Mixtral dims when its section failed, whatever the others did."""
+    _on_the_cpu(gpu_check, monkeypatch)
+    monkeypatch.setenv(gpu_check.GATE_ENV[failed], f"0:the {failed} section crashed or failed")
+    stand_in, results, rows = _StandInKernels(), [], []
+    gpu_check.section_mixtral(results, stand_in, reference, rows)
+    option = {"sm90": stand_in.FLAG_PREFILL_SM90, "decode-fused": stand_in.FLAG_DECODE_FUSED}[failed]
+    assert not any(flags & option for _, flags in stand_in.calls)
+    impls = {r["impl"] for r in rows if r["kind"] == "bench"}
+    sm90_checks = [r["name"] for r in results if r["name"].endswith(" sm90")]
+    if failed == "sm90":
+        assert "ours[sm90]" not in impls and not sm90_checks and "ours[fused]" in impls
+    else:
+        assert "ours[fused]" not in impls and "ours[sm90]" in impls
+        assert sm90_checks == ["Mixtral dims fp16 T=512 sm90", "Mixtral dims bf16 T=2048 sm90"]
+
+
+def test_the_benchmark_times_the_targets_first_and_names_what_it_had_no_time_for(gpu_check, monkeypatch, capsys):
+    """Near its limit the table starts no new token count: one-token decode and 2048-token prefill
+    (the targets) come first, the counts left out are named, and the table still sorts by tokens."""
+    _on_the_cpu(gpu_check, monkeypatch)
+    left = iter([100.0, 100.0, 100.0, 5.0])  # time for three token counts
+    monkeypatch.setattr(gpu_check, "seconds_left", lambda: next(left, 0.0))
+    results, rows, cut = [], [], []
+    gpu_check.section_mixtral(results, _StandInKernels(), reference, rows, cut)
+    assert {r["T"] for r in rows if r["kind"] == "bench"} == {1, 2048, 64}
+    assert cut == [f"T={T}" for T in gpu_check.BENCH_TOKENS[3:]]
+    gpu_check.print_table(rows)
+    table = capsys.readouterr().out.split("GB/s = bytes")[1].split("\n\n")[0].splitlines()[3:]  # past the header
+    firsts = [int(ln.split()[1]) for ln in table]
+    assert firsts == sorted(firsts) and firsts[0] == 1 and firsts[-1] == 2048
+
+
+def test_a_stopped_section_still_hands_over_what_it_printed(gpu_check):
+    """The real subprocess path: a section that hangs after printing one result is stopped at its
+    limit, and that result reaches main."""
+    hang = "import json, time; print('@@RESULT ' + json.dumps({'name': 'x', 'ok': True}), flush=True); time.sleep(60)"
+    start = time.monotonic()
+    text, code = gpu_check.run_captured([sys.executable, "-c", hang], 3, None)
+    assert code == "timeout" and time.monotonic() - start < 30
+    assert gpu_check.parse_section_output(text)[1] == [{"name": "x", "ok": True}]
