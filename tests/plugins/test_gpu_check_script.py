@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 import time
@@ -136,6 +137,7 @@ def _section_output(name: str, ok: bool = True, rows=(), summary: bool = True, c
 def _main(gpu_check, monkeypatch, argv, fake_run, clock=None):
     monkeypatch.setattr(gpu_check, "run_captured", fake_run)
     monkeypatch.delenv("MIXTRAL_GPU_CHECK_STARTED", raising=False)
+    monkeypatch.setenv("MIXTRAL_TRT_KERNELS_LIB", "prebuilt.so")  # main builds only without one
     for var in gpu_check.GATE_ENV.values():
         monkeypatch.delenv(var, raising=False)
     if clock is not None:
@@ -191,15 +193,16 @@ def test_the_plain_run_keeps_to_five_minutes_and_counts_the_build(gpu_check, mon
     monkeypatch.setattr(gpu_check.time, "monotonic", lambda: clock[0])
     monkeypatch.setattr(gpu_check.time, "time", lambda: clock[0])
     monkeypatch.setenv("MIXTRAL_GPU_CHECK_STARTED", str(clock[0] - 230))  # the build took 230 s
+    monkeypatch.setenv("MIXTRAL_TRT_KERNELS_LIB", "built.so")
     for var in gpu_check.GATE_ENV.values():
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setattr(sys, "argv", ["gpu_check.py"])
     assert gpu_check.main() == 1  # 55 s left after the build: the last three sections do not fit
     assert list(limits) == ["decode", "prefill", "int8-decode", "int8-prefill"] and limits["decode"] == 55
-    assert gates["decode"]["pdl"] == "0:the pdl section was not run (run with --extended to check and time it)"
-    assert gates["decode"]["sm90"].startswith("0:the sm90 section was not run")
+    assert gates["decode"]["pdl"] == "0:the pdl section was not run (it runs with --extended)"
+    assert gates["decode"]["sm90"] == "0:the sm90 section was not run (not yet)"
     out = capsys.readouterr().out
-    assert "INCOMPLETE: 4 passed, 0 failed; not run, out of time: special, sm90, mixtral (" in out
+    assert "INCOMPLETE: 4 passed, 0 failed; not run, out of time: special, sm90, mixtral, mixtral-sm90 (" in out
 
 
 def test_a_section_that_hangs_keeps_what_it_measured(gpu_check, monkeypatch, tmp_path, capsys):
@@ -336,11 +339,18 @@ def test_mixtral_section_times_every_option_on_a_stand_in(gpu_check, monkeypatch
     assert results and all(r["ok"] for r in results)
     impls = {(r["impl"], r["T"]) for r in rows if r["kind"] == "bench"}
     for impl, T in [("ours", 1), ("ours[cuda graph]", 1), ("ours[pdl]", 1), ("ours[pdl, cuda graph]", 64),
-                    ("ours[pdl]", 2048), ("ours[wide]", 2048), ("ours[sm90]", 2048), ("torch loop", 4096),
+                    ("ours[pdl]", 2048), ("ours[wide]", 2048), ("torch loop", 4096),
                     ("ours[prefill path]", 16), ("ours[decode path]", 64), ("ours[fused]", 1),
                     ("ours[pdl+fused, cuda graph]", 64)]:  # fmt: skip
         assert (impl, T) in impls, (impl, T)
-    assert ("ours[wide]", 64) not in impls and ("ours[sm90]", 64) not in impls
+    assert ("ours[wide]", 64) not in impls and not any(impl == "ours[sm90]" for impl, _ in impls)
+    stand_in, sm90_rows = _StandInKernels(), []
+    assert gpu_check.section_mixtral_sm90(results, stand_in, reference, sm90_rows) is None
+    assert {(r["impl"], r["T"], r["wmode"]) for r in sm90_rows} == {
+        ("ours[sm90]", T, w) for T in (512, 2048, 4096) for w in ("fp16", "bf16")}
+    assert [T for T, flags in stand_in.calls if flags][2] == 2048  # after the two checks: the target first
+    assert all(r["vs_ours"] == 1.0 for r in sm90_rows)  # each beside the plain enqueue of its own process
+    rows += sm90_rows
     gpu_check.print_table(rows)
     out = capsys.readouterr().out
     assert "stand-in GPU" in out and "sm90 path (speed-up > 1" in out
@@ -383,14 +393,16 @@ def test_each_option_is_left_out_of_the_table_on_its_own_verdict(gpu_check, monk
     monkeypatch.setenv(gpu_check.GATE_ENV[failed], f"0:the {failed} section crashed or failed")
     stand_in, results, rows = _StandInKernels(), [], []
     gpu_check.section_mixtral(results, stand_in, reference, rows)
+    skipped = gpu_check.section_mixtral_sm90(results, stand_in, reference, rows)
     option = {"sm90": stand_in.FLAG_PREFILL_SM90, "decode-fused": stand_in.FLAG_DECODE_FUSED}[failed]
     assert not any(flags & option for _, flags in stand_in.calls)
     impls = {r["impl"] for r in rows if r["kind"] == "bench"}
     sm90_checks = [r["name"] for r in results if r["name"].endswith(" sm90")]
     if failed == "sm90":
+        assert skipped == "the sm90 section crashed or failed"
         assert "ours[sm90]" not in impls and not sm90_checks and "ours[fused]" in impls
     else:
-        assert "ours[fused]" not in impls and "ours[sm90]" in impls
+        assert skipped is None and "ours[fused]" not in impls and "ours[sm90]" in impls
         assert sm90_checks == ["Mixtral dims fp16 T=512 sm90", "Mixtral dims bf16 T=2048 sm90"]
 
 
@@ -418,3 +430,89 @@ def test_a_stopped_section_still_hands_over_what_it_printed(gpu_check):
     text, code = gpu_check.run_captured([sys.executable, "-c", hang], 3, None)
     assert code == "timeout" and time.monotonic() - start < 30
     assert gpu_check.parse_section_output(text)[1] == [{"name": "x", "ok": True}]
+
+
+class _BrokenSm90(_StandInKernels):
+    """A library whose sm90 path is there but fails when it runs (or, with ``missing``, is not there)."""
+
+    def __init__(self, missing: bool = False):
+        super().__init__()
+        self.missing = missing
+
+    def moe_top2_torch(self, hidden, router, w13, w2, w13_scale=None, w2_scale=None, *, flags=0, out=None,
+                       workspace=None):
+        if flags & self.FLAG_PREFILL_SM90:
+            why = ("MOE_FLAG_PREFILL_SM90: this library was built without CUTLASS" if self.missing
+                   else "sm90 prefill: CUTLASS refused GEMM1 (up) (8 groups)")  # fmt: skip
+            raise self.KernelError(f"MoETop2 enqueue failed (status 1): {why}")
+        return super().moe_top2_torch(hidden, router, w13, w2, w13_scale, w2_scale, flags=flags, out=out,
+                                      workspace=workspace)  # fmt: skip
+
+
+@pytest.mark.parametrize("missing", [False, True])
+def test_an_sm90_path_that_fails_is_a_failure_not_a_skip(gpu_check, monkeypatch, missing):
+    """Only the library's own "cannot run here" (a MOE_FLAG_PREFILL_SM90 message) skips the sm90
+    section; the path failing when it runs fails the section, so the verdict is FAIL and the
+    failure is diagnosed."""
+    monkeypatch.setattr(gpu_check, "SMALL", dict(H=64, I=128, E=8))
+    make = gpu_check.make_problem
+    monkeypatch.setattr(gpu_check, "make_problem", lambda *a, **k: make(*a, **dict(k, device="cpu")))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda: (9, 0))
+    results = []
+    skipped = gpu_check.section_sm90(results, _BrokenSm90(missing), reference)
+    if missing:
+        assert skipped == "MOE_FLAG_PREFILL_SM90: this library was built without CUTLASS" and not results
+    else:
+        assert skipped is None and len(results) > 40
+        failed = [r for r in results if not r["ok"]]
+        assert failed and all("CUTLASS refused" in r["note"] for r in failed if r["name"].startswith("sm90 fp16"))
+
+
+def test_a_gate_left_in_the_environment_does_not_bench_an_unchecked_option(gpu_check, monkeypatch):
+    gates = {}
+
+    def fake_run(cmd, timeout, env):
+        name = cmd[cmd.index("--section") + 1]
+        gates[name] = env[gpu_check.GATE_ENV["pdl"]]
+        return _section_output(name), 0
+
+    monkeypatch.setenv(gpu_check.GATE_ENV["pdl"], "1")  # from an earlier run in the same shell
+    monkeypatch.setattr(gpu_check, "run_captured", fake_run)
+    monkeypatch.delenv("MIXTRAL_GPU_CHECK_STARTED", raising=False)
+    monkeypatch.setenv("MIXTRAL_TRT_KERNELS_LIB", "prebuilt.so")
+    monkeypatch.setattr(sys, "argv", ["gpu_check.py", "--extended", "--skip", "pdl"])
+    assert gpu_check.main() == 0
+    assert gates["mixtral"] == "0:the pdl section was not run (--skip)"
+
+
+def test_a_stopped_section_takes_its_children_along_and_keeps_its_stderr(gpu_check, tmp_path):
+    """compute-sanitizer runs the section as its child: at the timeout both go, and what either
+    wrote to stderr (CUTLASS's and CUDA's messages) comes back with stdout, in order."""
+    pid_file = tmp_path / "grandchild.pid"
+    child = ("import subprocess, sys, time; "
+             f"g = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+             f"open({str(pid_file)!r}, 'w').write(str(g.pid)); "
+             "print('out 1', flush=True); print('err 2', file=sys.stderr, flush=True); time.sleep(60)")  # fmt: skip
+    text, code = gpu_check.run_captured([sys.executable, "-c", child], 3, None)
+    assert code == "timeout" and text.splitlines() == ["out 1", "err 2"]
+    grandchild = int(pid_file.read_text())
+    for _ in range(50):  # SIGKILL is delivered at once; give the kernel a moment to reap
+        try:
+            os.kill(grandchild, 0)
+        except ProcessLookupError:
+            break
+        status = Path(f"/proc/{grandchild}/stat")
+        if status.exists() and status.read_text().split()[2] == "Z":  # killed, waiting for its reaper
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"the section's child {grandchild} outlived it")
+    assert gpu_check.run_captured([sys.executable, "-c", "import sys; sys.exit(3)"], 10, None) == ("", 3)
+
+
+def test_a_line_written_into_a_result_line_stays_text(gpu_check):
+    text = '@@RESULT {"name": "a", "ok": true}\n@@RESULT {"name": "b", "ok"========= Invalid __global__ read\nplain'
+    lines, results, _, summary = gpu_check.parse_section_output(text)
+    assert results == [{"name": "a", "ok": True}] and summary is None
+    assert lines == ['@@RESULT {"name": "b", "ok"========= Invalid __global__ read', "plain"]
