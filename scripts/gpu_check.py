@@ -94,6 +94,23 @@ def import_plugins():
     return build, kernels, reference
 
 
+def unready() -> str | None:
+    """Why this machine cannot run the check (no CUDA GPU, a library that does not load), or None."""
+    import torch
+
+    if not torch.cuda.is_available():
+        build = f"built for CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+        return (f"no CUDA GPU here (torch {torch.__version__}, {build}): run it on a machine with an NVIDIA GPU "
+                "and a CUDA build of PyTorch")  # fmt: skip
+    if os.environ.get("MIXTRAL_TRT_KERNELS_LIB"):
+        _, kernels, _ = import_plugins()
+        try:
+            kernels.load_library()
+        except (kernels.KernelError, OSError) as e:
+            return f"the kernel library does not load: {e}"
+    return None
+
+
 def gpu_arch() -> str:
     import torch
 
@@ -1091,12 +1108,16 @@ def main() -> int:
                          f"skipped and named in the verdict [{DEADLINE[False]}, so the run ends within 5 minutes; "
                          f"{DEADLINE[True]} with --extended, within one 10-minute device call]")  # fmt: skip
     args = ap.parse_args()
+    if args.section:
+        return run_section(args.section)
+    why = unready()
+    if why is not None:
+        print(f"gpu_check: {why}", file=sys.stderr)
+        return 2
     if args.build_only:
         build, _, _ = import_plugins()
         print(build.build_library(archs=(gpu_arch(),)))
         return 0
-    if args.section:
-        return run_section(args.section)
 
     deadline = DEADLINE[args.extended] if args.deadline is None else args.deadline
     started = os.environ.get("MIXTRAL_GPU_CHECK_STARTED")  # gpu_check.sh: time.time() before its build

@@ -138,6 +138,7 @@ def _main(gpu_check, monkeypatch, argv, fake_run, clock=None):
     monkeypatch.setattr(gpu_check, "run_captured", fake_run)
     monkeypatch.delenv("MIXTRAL_GPU_CHECK_STARTED", raising=False)
     monkeypatch.setenv("MIXTRAL_TRT_KERNELS_LIB", "prebuilt.so")  # main builds only without one
+    monkeypatch.setattr(gpu_check, "unready", lambda: None)
     for var in gpu_check.GATE_ENV.values():
         monkeypatch.delenv(var, raising=False)
     if clock is not None:
@@ -194,6 +195,7 @@ def test_the_plain_run_keeps_to_five_minutes_and_counts_the_build(gpu_check, mon
     monkeypatch.setattr(gpu_check.time, "time", lambda: clock[0])
     monkeypatch.setenv("MIXTRAL_GPU_CHECK_STARTED", str(clock[0] - 230))  # the build took 230 s
     monkeypatch.setenv("MIXTRAL_TRT_KERNELS_LIB", "built.so")
+    monkeypatch.setattr(gpu_check, "unready", lambda: None)
     for var in gpu_check.GATE_ENV.values():
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setattr(sys, "argv", ["gpu_check.py"])
@@ -481,6 +483,7 @@ def test_a_gate_left_in_the_environment_does_not_bench_an_unchecked_option(gpu_c
     monkeypatch.setattr(gpu_check, "run_captured", fake_run)
     monkeypatch.delenv("MIXTRAL_GPU_CHECK_STARTED", raising=False)
     monkeypatch.setenv("MIXTRAL_TRT_KERNELS_LIB", "prebuilt.so")
+    monkeypatch.setattr(gpu_check, "unready", lambda: None)
     monkeypatch.setattr(sys, "argv", ["gpu_check.py", "--extended", "--skip", "pdl"])
     assert gpu_check.main() == 0
     assert gates["mixtral"] == "0:the pdl section was not run (--skip)"
@@ -516,3 +519,15 @@ def test_a_line_written_into_a_result_line_stays_text(gpu_check):
     lines, results, _, summary = gpu_check.parse_section_output(text)
     assert results == [{"name": "a", "ok": True}] and summary is None
     assert lines == ['@@RESULT {"name": "b", "ok"========= Invalid __global__ read', "plain"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU: the check would run")
+def test_without_a_gpu_or_a_library_it_says_why_and_stops(gpu_check, monkeypatch, tmp_path):
+    done = subprocess.run([sys.executable, str(SCRIPT)], capture_output=True, text=True, check=False,
+                          env=dict(os.environ, MIXTRAL_TRT_KERNELS_LIB=""))  # fmt: skip
+    assert done.returncode == 2 and "=== section" not in done.stdout
+    assert done.stderr.startswith("gpu_check: no CUDA GPU here (torch ") and "CUDA build of PyTorch" in done.stderr
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("MIXTRAL_TRT_KERNELS_LIB", str(tmp_path / "missing.so"))
+    assert gpu_check.unready() == (f"the kernel library does not load: MoETop2 kernel library {tmp_path}/missing.so "
+                                   "does not exist; unset MIXTRAL_TRT_KERNELS_LIB to build it")  # fmt: skip
