@@ -171,6 +171,8 @@ __global__ void __launch_bounds__(decode_warps(NT) * 32) decode_gemm(GemmArgs g)
     }
     const int n_active = g.counters[1];
     const int first_slot = COMBINE ? 0 : static_cast<int>(blockIdx.y);
+    // A GEMM2 CTA without an expert leaves before its wait. Slot 0 always has one (tokens > 0), and
+    // its CTAs wait before they trigger, so the combine still starts only after GEMM1 completed.
     if (first_slot >= n_active) return;
     const int n0 = blockIdx.x * 16;
     if constexpr (!GATED) {

@@ -7,6 +7,7 @@
 // tokens) permutes too: three or four launches.
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdarg>
 #include <cstdint>
 #include <cstdio>
@@ -325,12 +326,33 @@ struct Launch {
     }
 };
 
-// Programmatic dependent launch needs compute capability 9.0 or newer; elsewhere MOE_FLAG_PDL is
-// accepted and changes nothing.
+// Compiled into the same image as every kernel here, so its attributes say what code the device runs.
+__global__ void pdl_probe_kernel() {}
+
+// MOE_FLAG_PDL takes effect only on a device of compute capability 9.0 or newer that runs code
+// compiled for 9.0 or newer: a library carrying only older PTX, JIT-compiled on a Hopper, has no
+// griddepcontrol.wait in its kernels, and launching them as programmatic dependents would let a
+// kernel read its predecessor's output before it is written. Elsewhere the flag is accepted and
+// changes nothing. Asked once per device (two queries and a module lookup), then remembered.
 bool device_has_pdl() {
-    int dev = 0, major = 0;
-    return cudaGetDevice(&dev) == cudaSuccess &&
-           cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess && major >= 9;
+    constexpr int kDevices = 64;
+    static std::atomic<signed char> known[kDevices];  // 0 not asked yet, 1 usable, -1 not
+    int dev = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess) {
+        cudaGetLastError();  // not left behind for the next launch check
+        return false;
+    }
+    const bool cached = dev >= 0 && dev < kDevices;
+    const signed char seen = cached ? known[dev].load(std::memory_order_relaxed) : 0;
+    if (seen != 0) return seen > 0;
+    int major = 0;
+    cudaFuncAttributes fa{};
+    const bool usable = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
+                        major >= 9 && cudaFuncGetAttributes(&fa, pdl_probe_kernel) == cudaSuccess &&
+                        fa.ptxVersion >= 90;
+    cudaGetLastError();
+    if (cached) known[dev].store(usable ? 1 : -1, std::memory_order_relaxed);
+    return usable;
 }
 
 // combine: GEMM2 also applies the combine (one CTA per 16 output columns, over every active expert).

@@ -44,10 +44,12 @@ extern "C" {
 /* Programmatic dependent launch: on an sm_90+ device each of the five launches may start while the
  * one before it drains (each kernel waits for its predecessor with griddepcontrol.wait before it
  * reads that kernel's output; the decode GEMM2 also warms L2 with its first weights meanwhile).
- * The results are bit-identical to a launch without the flag. The first kernel waits for whatever
- * ran before the enqueue on the stream, and the caller's next kernel starts after the last one
- * ends, as without the flag. Accepted on every device; it changes nothing before sm_90 and on the
- * MOE_FLAG_PREFILL_SM90 path. Opt-in: not yet measured on a GPU. */
+ * The results are bit-identical to a launch without the flag. The first kernel waits until the
+ * kernel before the enqueue on the stream has completed (a caller that launches its own kernels as
+ * programmatic dependents must have that kernel wait for its predecessors, as such kernels do), and
+ * the caller's next kernel starts after the last one ends, as without the flag. Accepted on every
+ * device; it changes nothing before sm_90, with a library whose code for the device is older than
+ * sm_90 (PTX JIT-compiled), and on the MOE_FLAG_PREFILL_SM90 path. Opt-in: not yet measured on a GPU. */
 #define MOE_FLAG_PDL 8
 /* The mma.sync prefill GEMMs use 128 x 256 CTA tiles (4 stages, one CTA per SM, 64 x 64 per warp)
  * in place of 128 x 128 (3 stages, two CTAs per SM, 64 x 32 per warp): fewer shared-memory reads
