@@ -7,6 +7,8 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include <atomic>
+
 namespace moe {
 
 constexpr int kTopK = 2;
@@ -160,6 +162,21 @@ __device__ __forceinline__ float silu(float x) { return x / (1.0f + __expf(-x));
 __device__ __forceinline__ float load_scale(const void* s, size_t i, bool fp32) {
     return fp32 ? static_cast<const float*>(s)[i] : __half2float(static_cast<const half*>(s)[i]);
 }
+
+// Yes/no answers about a device that hold for the life of the process (its compute capability,
+// which image of this library it runs), remembered per device ordinal so that an enqueue asks CUDA
+// once per device. A static DeviceMemo starts with every answer unknown.
+struct DeviceMemo {
+    static constexpr int kDevices = 64;
+    std::atomic<signed char> known[kDevices];  // 0 unknown, 1 yes, -1 no
+    // 1 or -1 once remembered for device dev, else 0 (devices beyond kDevices are never remembered).
+    signed char get(int dev) const {
+        return dev >= 0 && dev < kDevices ? known[dev].load(std::memory_order_relaxed) : 0;
+    }
+    void set(int dev, bool yes) {
+        if (dev >= 0 && dev < kDevices) known[dev].store(yes ? 1 : -1, std::memory_order_relaxed);
+    }
+};
 
 // One launch on stream s; with pdl, as a programmatic dependent of the previous launch there (see
 // pdl_wait). Returns this launch's own error, never one left over from an earlier call, and clears

@@ -7,7 +7,6 @@
 // tokens) permutes too: three or four launches.
 #include <cuda_runtime.h>
 
-#include <atomic>
 #include <cstdarg>
 #include <cstdint>
 #include <cstdio>
@@ -335,23 +334,20 @@ __global__ void pdl_probe_kernel() {}
 // kernel read its predecessor's output before it is written. Elsewhere the flag is accepted and
 // changes nothing. Asked once per device (two queries and a module lookup), then remembered.
 bool device_has_pdl() {
-    constexpr int kDevices = 64;
-    static std::atomic<signed char> known[kDevices];  // 0 not asked yet, 1 usable, -1 not
+    static DeviceMemo memo;
     int dev = 0;
     if (cudaGetDevice(&dev) != cudaSuccess) {
         cudaGetLastError();  // not left behind for the next launch check
         return false;
     }
-    const bool cached = dev >= 0 && dev < kDevices;
-    const signed char seen = cached ? known[dev].load(std::memory_order_relaxed) : 0;
-    if (seen != 0) return seen > 0;
+    if (const signed char seen = memo.get(dev)) return seen > 0;
     int major = 0;
     cudaFuncAttributes fa{};
     const bool usable = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
                         major >= 9 && cudaFuncGetAttributes(&fa, pdl_probe_kernel) == cudaSuccess &&
                         fa.ptxVersion >= 90;
     cudaGetLastError();
-    if (cached) known[dev].store(usable ? 1 : -1, std::memory_order_relaxed);
+    memo.set(dev, usable);
     return usable;
 }
 

@@ -335,8 +335,10 @@ int run_path(const Sm90PrefillArgs& p, cudaStream_t s, char* msg, size_t size) {
 
 int sm90_prefill_check(char* msg, size_t size) {
     const char* flag = "MOE_FLAG_PREFILL_SM90";
+    static DeviceMemo passed;  // only a pass is remembered: a refusal is asked again, to say why
     int device = 0, major = 0, minor = 0;
     cudaError_t err = cudaGetDevice(&device);
+    if (err == cudaSuccess && passed.get(device) > 0) return 0;
     if (err == cudaSuccess) err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
     if (err == cudaSuccess) err = cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
     if (err != cudaSuccess) {
@@ -362,6 +364,7 @@ int sm90_prefill_check(char* msg, size_t size) {
                    "%s: this library was built for sm_90 without the sm_90a features (wgmma, TMA) the path needs; "
                    "rebuild it with arch 90a, not 90",
                    flag);
+    passed.set(device, true);
     return 0;
 }
 
