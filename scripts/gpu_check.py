@@ -57,9 +57,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 # The issue's check (correctness, then the speed table) and, with --extended, the opt-in options'
 # checks before the table (so it times them too) and the per-launch profile after it.
-CORE_SECTIONS = ("decode", "prefill", "int8-decode", "int8-prefill", "special", "sm90", "mixtral", "mixtral-sm90")
 SECTIONS = ("decode", "prefill", "int8-decode", "int8-prefill", "special", "sm90", "pdl", "decode-fused", "wide",
             "mixtral", "mixtral-sm90", "breakdown")
+CORE_SECTIONS = tuple(s for s in SECTIONS if s not in ("pdl", "decode-fused", "wide", "breakdown"))
 DEADLINE = {False: 285, True: 540}  # --extended: default --deadline; the plain run keeps under 5 minutes
 EXTRA_SECTIONS = ("sanitize", "sm90-sanitize")  # a few tiny cases, to run under compute-sanitizer
 TOKENS = (1, 2, 3, 7, 16, 64, 65, 300, 1024, 4096)
@@ -164,8 +164,7 @@ def check(name, p, flags, wmode, results, kernels, reference, margin_min=1e-4):
         kernels.moe_top2_torch(**p, flags=flags, out=out)
         torch.cuda.synchronize()
     except Exception as e:  # noqa: BLE001 - report and go on
-        results.append(dict(name=name, ok=False, err=None, note=f"{type(e).__name__}: {e}"))
-        print(f"FAIL {name}: {type(e).__name__}: {e}", flush=True)
+        record(name, False, f"{type(e).__name__}: {e}", results)
         return None
     ref = reference.moe_top2_reference(**p)
     rows = reference.routing_margin(p["hidden"], p["router"]) > margin_min
@@ -179,6 +178,42 @@ def check(name, p, flags, wmode, results, kernels, reference, margin_min=1e-4):
     results.append(dict(name=name, ok=ok, err=err, tol=tol, note=note))
     print(f"{'ok  ' if ok else 'FAIL'} {name}: rel err {err:.2e} (tol {tol:.0e}) {note}", flush=True)
     return out
+
+
+def record(name: str, ok: bool, note: str, results) -> bool:
+    """A pass/fail result with no error figure: kept in ``results`` and printed."""
+    results.append(dict(name=name, ok=ok, err=None, note=note))
+    print(f"{'ok  ' if ok else 'FAIL'} {name}{': ' + note if note else ''}", flush=True)
+    return ok
+
+
+def same_bits(name: str, got, want, results) -> bool:
+    import torch
+
+    ok = torch.equal(got, want)
+    return record(name, ok, "" if ok else f"max diff {(got.float() - want.float()).abs().max().item():.3e}", results)
+
+
+def deterministic(name: str, run, results, kernels) -> bool:
+    """``run()`` twice gives the same bits; an enqueue it refuses is a failure, reported."""
+    import torch
+
+    try:
+        a, b = run(), run()
+        torch.cuda.synchronize()
+    except kernels.KernelError as e:
+        return record(name, False, f"{type(e).__name__}: {e}", results)
+    return same_bits(name, a, b, results)
+
+
+def refused(name: str, call, expect: str, results, kernels) -> bool:
+    """``call()`` is refused with a KernelError whose message names ``expect``."""
+    try:
+        call()
+        ok, note = False, "accepted"
+    except kernels.KernelError as e:
+        ok, note = expect in str(e), str(e)
+    return record(name, ok, note, results)
 
 
 def diagnose(out, ref, p, reference) -> str:
@@ -225,8 +260,6 @@ def section_paths(path: str, wmodes, results, kernels, reference):
 
 
 def section_special(results, kernels, reference):
-    import torch
-
     for routing in ("skew", "starve"):
         for wmode in ("fp16", "int8-bf16"):
             for T in (1, 65, 1024, 4096):
@@ -247,27 +280,17 @@ def section_special(results, kernels, reference):
     # determinism: the same inputs give the same bits
     for wmode, T in (("fp16", 1), ("fp16", 300), ("int8", 1024)):
         p = make_problem(T, **SMALL, wmode=wmode, seed=12)
-        a = kernels.moe_top2_torch(**p)
-        b = kernels.moe_top2_torch(**p)
-        torch.cuda.synchronize()
-        same = torch.equal(a, b)
-        results.append(dict(name=f"deterministic {wmode} T={T}", ok=same, err=None, note=""))
-        print(f"{'ok  ' if same else 'FAIL'} deterministic {wmode} T={T}", flush=True)
+        deterministic(f"deterministic {wmode} T={T}", lambda p=p: kernels.moe_top2_torch(**p), results, kernels)
 
     # CUDA graphs (decode, and 64-token prefill) replayed on new inputs equal eager bit for bit
     graphs_match("plain", 0, results, kernels)
 
     # refused arguments come back as a clear error
     p = make_problem(4, **SMALL, seed=14)
-    try:
-        kernels.moe_top2_enqueue(p["hidden"].data_ptr(), p["router"].data_ptr(), p["w13"].data_ptr(),
-                                 p["w2"].data_ptr(), None, None, p["hidden"].data_ptr(), 0, 4, 512, 1024, 8, 3,
-                                 kernels.DTYPE_FP16, kernels.DTYPE_FP16, kernels.DTYPE_FP32, 0)  # fmt: skip
-        ok, note = False, "top_k=3 accepted"
-    except kernels.KernelError as e:
-        ok, note = "top_k" in str(e), str(e)
-    results.append(dict(name="top_k=3 refused", ok=ok, err=None, note=note))
-    print(f"{'ok  ' if ok else 'FAIL'} top_k=3 refused: {note}", flush=True)
+    refused("top_k=3 refused", lambda: kernels.moe_top2_enqueue(
+        p["hidden"].data_ptr(), p["router"].data_ptr(), p["w13"].data_ptr(), p["w2"].data_ptr(), None, None,
+        p["hidden"].data_ptr(), 0, 4, 512, 1024, 8, 3, kernels.DTYPE_FP16, kernels.DTYPE_FP16, kernels.DTYPE_FP32, 0),
+            "top_k", results, kernels)  # fmt: skip
 
 
 # --- programmatic dependent launch (MOE_FLAG_PDL) ------------------------------------------------
@@ -283,16 +306,6 @@ def pdl_unavailable(kernels) -> str | None:
     if cap < (9, 0):
         return f"device {torch.cuda.get_device_name()} is sm_{cap[0]}{cap[1]}; programmatic launch needs sm_90+"
     return None
-
-
-def same_bits(name: str, got, want, results) -> bool:
-    import torch
-
-    ok = torch.equal(got, want)
-    note = "" if ok else f"max diff {(got.float() - want.float()).abs().max().item():.3e}"
-    results.append(dict(name=name, ok=ok, err=None, note=note))
-    print(f"{'ok  ' if ok else 'FAIL'} {name} {note}", flush=True)
-    return ok
 
 
 def option_matches(tag: str, option: int, p, flags: int, wmode: str, results, kernels, reference) -> None:
@@ -364,7 +377,7 @@ def graphs_match(tag: str, flags: int, results, kernels) -> None:
         out = torch.empty_like(static_in)
         replay = graph_call(kernels, q, ws, out, flags=flags)
         if replay is None:
-            results.append(dict(name=f"{tag} cuda graph T={T}", ok=False, err=None, note="capture failed"))
+            record(f"{tag} cuda graph T={T}", False, "capture failed", results)
             continue
         fresh = [torch.randn_like(static_in) for _ in range(3)]
         got = []
@@ -375,8 +388,7 @@ def graphs_match(tag: str, flags: int, results, kernels) -> None:
                 got.append(out.clone())
             torch.cuda.synchronize()
         except Exception as e:  # noqa: BLE001 - report and go on
-            results.append(dict(name=f"{tag} cuda graph T={T}", ok=False, err=None, note=f"{type(e).__name__}: {e}"))
-            print(f"FAIL {tag} cuda graph T={T}: {type(e).__name__}: {e}", flush=True)
+            record(f"{tag} cuda graph T={T}", False, f"{type(e).__name__}: {e}", results)
             continue
         for i, (x, o) in enumerate(zip(fresh, got, strict=True)):
             same_bits(f"{tag} cuda graph T={T} replay {i} == eager without", o,
@@ -481,7 +493,6 @@ def sm90_unavailable(kernels) -> str | None:
 def section_sm90(results, kernels, reference) -> str | None:
     """The sm90 path against the reference: T = 1..4096, skewed routing (experts with no tokens),
     odd dims, the auto path with the flag, determinism, refusals. Returns why it was skipped."""
-    import torch
 
     why = sm90_unavailable(kernels)
     if why is not None:
@@ -507,25 +518,14 @@ def section_sm90(results, kernels, reference) -> str | None:
           "bf16", results, kernels, reference)  # fmt: skip
 
     p = make_problem(1024, **SMALL, seed=12)
-    try:
-        a, b = (kernels.moe_top2_torch(**p, flags=flag) for _ in range(2))
-        torch.cuda.synchronize()
-        same, note = torch.equal(a, b), ""
-    except kernels.KernelError as e:  # reported; the refusals below still run
-        same, note = False, f"{type(e).__name__}: {e}"
-    results.append(dict(name="sm90 deterministic fp16 T=1024", ok=same, err=None, note=note))
-    print(f"{'ok  ' if same else 'FAIL'} sm90 deterministic fp16 T=1024 {note}", flush=True)
+    deterministic("sm90 deterministic fp16 T=1024", lambda: kernels.moe_top2_torch(**p, flags=flag), results, kernels)
 
     with_decode = kernels.FLAG_PREFILL_SM90 | kernels.FLAG_FORCE_DECODE
     for name, wmode, flags, expect in (("int8 weights", "int8", flag, "needs fp16/bf16 weights"),
                                        ("with force decode", "fp16", with_decode, "cannot be combined")):  # fmt: skip
-        try:
-            kernels.moe_top2_torch(**make_problem(64, **SMALL, wmode=wmode, seed=13), flags=flags)
-            ok, note = False, "accepted"
-        except kernels.KernelError as e:
-            ok, note = expect in str(e), str(e)
-        results.append(dict(name=f"sm90 flag refused: {name}", ok=ok, err=None, note=note))
-        print(f"{'ok  ' if ok else 'FAIL'} sm90 flag refused: {name}: {note}", flush=True)
+        q = make_problem(64, **SMALL, wmode=wmode, seed=13)
+        refused(f"sm90 flag refused: {name}", lambda q=q, flags=flags: kernels.moe_top2_torch(**q, flags=flags), expect,
+                results, kernels)  # fmt: skip
     return None
 
 

@@ -134,13 +134,17 @@ def _section_output(name: str, ok: bool = True, rows=(), summary: bool = True, c
     return "\n".join(lines)
 
 
-def _main(gpu_check, monkeypatch, argv, fake_run, clock=None):
+def _main(gpu_check, monkeypatch, argv, fake_run, clock=None, env=None):
+    """main() with a GPU assumed, a prebuilt library, sections run by ``fake_run``, the clock at
+    ``clock[0]`` if given, and only the environment variables of ``env`` set among its own."""
     monkeypatch.setattr(gpu_check, "run_captured", fake_run)
     monkeypatch.delenv("MIXTRAL_GPU_CHECK_STARTED", raising=False)
     monkeypatch.setenv("MIXTRAL_TRT_KERNELS_LIB", "prebuilt.so")  # main builds only without one
     monkeypatch.setattr(gpu_check, "unready", lambda: None)
     for var in gpu_check.GATE_ENV.values():
         monkeypatch.delenv(var, raising=False)
+    for var, value in (env or {}).items():
+        monkeypatch.setenv(var, value)
     if clock is not None:
         monkeypatch.setattr(gpu_check.time, "monotonic", lambda: clock[0])
         monkeypatch.setattr(gpu_check.time, "time", lambda: clock[0])
@@ -190,16 +194,8 @@ def test_the_plain_run_keeps_to_five_minutes_and_counts_the_build(gpu_check, mon
         clock[0] += 10.0
         return _section_output(name), 0
 
-    monkeypatch.setattr(gpu_check, "run_captured", fake_run)
-    monkeypatch.setattr(gpu_check.time, "monotonic", lambda: clock[0])
-    monkeypatch.setattr(gpu_check.time, "time", lambda: clock[0])
-    monkeypatch.setenv("MIXTRAL_GPU_CHECK_STARTED", str(clock[0] - 230))  # the build took 230 s
-    monkeypatch.setenv("MIXTRAL_TRT_KERNELS_LIB", "built.so")
-    monkeypatch.setattr(gpu_check, "unready", lambda: None)
-    for var in gpu_check.GATE_ENV.values():
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setattr(sys, "argv", ["gpu_check.py"])
-    assert gpu_check.main() == 1  # 55 s left after the build: the last three sections do not fit
+    started = {"MIXTRAL_GPU_CHECK_STARTED": str(clock[0] - 230)}  # the build took 230 s
+    assert _main(gpu_check, monkeypatch, [], fake_run, clock, env=started) == 1  # 55 s left: the last ones do not fit
     assert list(limits) == ["decode", "prefill", "int8-decode", "int8-prefill"] and limits["decode"] == 55
     assert gates["decode"]["pdl"] == "0:the pdl section was not run (it runs with --extended)"
     assert gates["decode"]["sm90"] == "0:the sm90 section was not run (not yet)"
@@ -479,13 +475,8 @@ def test_a_gate_left_in_the_environment_does_not_bench_an_unchecked_option(gpu_c
         gates[name] = env[gpu_check.GATE_ENV["pdl"]]
         return _section_output(name), 0
 
-    monkeypatch.setenv(gpu_check.GATE_ENV["pdl"], "1")  # from an earlier run in the same shell
-    monkeypatch.setattr(gpu_check, "run_captured", fake_run)
-    monkeypatch.delenv("MIXTRAL_GPU_CHECK_STARTED", raising=False)
-    monkeypatch.setenv("MIXTRAL_TRT_KERNELS_LIB", "prebuilt.so")
-    monkeypatch.setattr(gpu_check, "unready", lambda: None)
-    monkeypatch.setattr(sys, "argv", ["gpu_check.py", "--extended", "--skip", "pdl"])
-    assert gpu_check.main() == 0
+    leftover = {gpu_check.GATE_ENV["pdl"]: "1"}  # from an earlier run in the same shell
+    assert _main(gpu_check, monkeypatch, ["--extended", "--skip", "pdl"], fake_run, env=leftover) == 0
     assert gates["mixtral"] == "0:the pdl section was not run (--skip)"
 
 
@@ -531,3 +522,36 @@ def test_without_a_gpu_or_a_library_it_says_why_and_stops(gpu_check, monkeypatch
     monkeypatch.setenv("MIXTRAL_TRT_KERNELS_LIB", str(tmp_path / "missing.so"))
     assert gpu_check.unready() == (f"the kernel library does not load: MoETop2 kernel library {tmp_path}/missing.so "
                                    "does not exist; unset MIXTRAL_TRT_KERNELS_LIB to build it")  # fmt: skip
+
+
+class _RefusingTopK3(_StandInKernels):
+    """The stand-in plus the raw enqueue, which refuses top_k=3 as the library does."""
+
+    DTYPE_FP16, DTYPE_FP32 = kernels.DTYPE_FP16, kernels.DTYPE_FP32
+
+    def __init__(self, refuse: bool = True):
+        super().__init__()
+        self.refuse = refuse
+
+    def moe_top2_enqueue(self, *args):
+        if self.refuse and args[12] == 3:
+            raise self.KernelError("MoETop2 enqueue failed (status 1): top_k=3; only top-2 routing is implemented")
+
+
+@pytest.mark.parametrize("refuse", [True, False])
+def test_special_section_runs_end_to_end_on_a_stand_in(gpu_check, monkeypatch, refuse):
+    """Skewed and starved routing, determinism, graph replays and the top_k=3 refusal, on the CPU:
+    all pass on a correct library; a library that accepts top_k=3 fails that check alone."""
+    monkeypatch.setattr(gpu_check, "SMALL", dict(H=64, I=128, E=8))
+    monkeypatch.setattr(gpu_check, "workspace_for", lambda kernels, p, flags=0: None)
+    make = gpu_check.make_problem
+    monkeypatch.setattr(gpu_check, "make_problem", lambda *a, **k: make(*a, **dict(k, device="cpu")))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(gpu_check, "graph_call", lambda kernels, p, ws, out, flags=0: (
+        lambda: kernels.moe_top2_torch(**p, out=out, workspace=ws, flags=flags)))
+    results = []
+    gpu_check.section_special(results, _RefusingTopK3(refuse), reference)
+    names = [r["name"] for r in results]
+    assert "deterministic int8 T=1024" in names and "plain cuda graph T=64 replay 2 == eager without" in names
+    failed = [r for r in results if not r["ok"]]
+    assert failed == ([] if refuse else [dict(name="top_k=3 refused", ok=False, err=None, note="accepted")])
