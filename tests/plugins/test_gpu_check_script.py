@@ -273,14 +273,8 @@ def test_option_sections_run_end_to_end_on_a_stand_in(gpu_check, monkeypatch, se
     """The pdl and wide sections' own logic (every comparison; for pdl the back-to-back run and the
     graph replays) on the CPU against a stand-in library, so that a device run is not lost to a bug
     in the script; a stand-in whose output with the option differs for 16 or 300 tokens fails them."""
-    monkeypatch.setattr(gpu_check, "SMALL", dict(H=64, I=128, E=8))
+    _small_on_the_cpu(gpu_check, monkeypatch)
     monkeypatch.setattr(gpu_check, "pdl_unavailable", lambda kernels: None)
-    monkeypatch.setattr(gpu_check, "workspace_for", lambda kernels, p, flags=0: None)
-    make = gpu_check.make_problem
-    monkeypatch.setattr(gpu_check, "make_problem", lambda *a, **k: make(*a, **dict(k, device="cpu")))
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
-    monkeypatch.setattr(gpu_check, "graph_call", lambda kernels, p, ws, out, flags=0: (
-        lambda: kernels.moe_top2_torch(**p, out=out, workspace=ws, flags=flags)))
     stand_in, results = _StandInKernels(corrupt), []
     option = {"pdl": 8, "wide": 16, "fused": 32}[section]
     assert getattr(gpu_check, f"section_{section}")(results, stand_in, reference) is None
@@ -310,18 +304,25 @@ def test_a_failed_sm90_section_is_diagnosed_after_the_benchmark(gpu_check, monke
     assert f"FAIL: {len(gpu_check.SECTIONS) - 1} passed, 1 failed" in capsys.readouterr().out
 
 
-def _on_the_cpu(gpu_check, monkeypatch):
-    """The script's GPU calls replaced so its sections run here: tiny dims, CPU tensors, a fixed
-    ceiling, one call per timing (100 us), graphs replayed as plain calls."""
-    monkeypatch.setattr(gpu_check, "MIXTRAL", dict(H=64, I=128, E=8))
+def _small_on_the_cpu(gpu_check, monkeypatch):
+    """The correctness sections' GPU calls replaced so they run here: tiny dims, CPU tensors, no
+    workspace, graphs replayed as plain calls, nothing to synchronise."""
+    monkeypatch.setattr(gpu_check, "SMALL", dict(H=64, I=128, E=8))
     make = gpu_check.make_problem
     monkeypatch.setattr(gpu_check, "make_problem", lambda *a, **k: make(*a, **dict(k, device="cpu")))
     monkeypatch.setattr(gpu_check, "workspace_for", lambda kernels, p, flags=0: None)
-    monkeypatch.setattr(gpu_check, "ceilings", lambda: (4.28e12, 700e12))
-    monkeypatch.setattr(gpu_check, "bench", lambda fn, warmup, reps: (fn(), 100.0)[1])
     monkeypatch.setattr(gpu_check, "graph_call", lambda kernels, p, ws, out, flags=0: (
         lambda: kernels.moe_top2_torch(**p, out=out, workspace=ws, flags=flags)))
     monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+
+
+def _on_the_cpu(gpu_check, monkeypatch):
+    """The benchmark sections too: Mixtral's dims shrunk, a fixed ceiling, one call per timing
+    (100 us), a named stand-in device."""
+    _small_on_the_cpu(gpu_check, monkeypatch)
+    monkeypatch.setattr(gpu_check, "MIXTRAL", dict(H=64, I=128, E=8))
+    monkeypatch.setattr(gpu_check, "ceilings", lambda: (4.28e12, 700e12))
+    monkeypatch.setattr(gpu_check, "bench", lambda fn, warmup, reps: (fn(), 100.0)[1])
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "stand-in GPU")
     for var in gpu_check.GATE_ENV.values():  # every option's section passed
         monkeypatch.setenv(var, "1")
@@ -357,7 +358,6 @@ def test_mixtral_section_times_every_option_on_a_stand_in(gpu_check, monkeypatch
 
 def test_breakdown_section_prints_gaps_and_overlaps_on_a_stand_in(gpu_check, monkeypatch, capsys):
     _on_the_cpu(gpu_check, monkeypatch)
-    monkeypatch.setattr(gpu_check, "MIXTRAL", dict(H=64, I=128, E=8))
 
     def fake_profile(fn, calls=5):
         fn()
@@ -452,10 +452,7 @@ def test_an_sm90_path_that_fails_is_a_failure_not_a_skip(gpu_check, monkeypatch,
     """Only the library's own "cannot run here" (a MOE_FLAG_PREFILL_SM90 message) skips the sm90
     section; the path failing when it runs fails the section, so the verdict is FAIL and the
     failure is diagnosed."""
-    monkeypatch.setattr(gpu_check, "SMALL", dict(H=64, I=128, E=8))
-    make = gpu_check.make_problem
-    monkeypatch.setattr(gpu_check, "make_problem", lambda *a, **k: make(*a, **dict(k, device="cpu")))
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    _small_on_the_cpu(gpu_check, monkeypatch)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda: (9, 0))
     results = []
     skipped = gpu_check.section_sm90(results, _BrokenSm90(missing), reference)
@@ -542,13 +539,7 @@ class _RefusingTopK3(_StandInKernels):
 def test_special_section_runs_end_to_end_on_a_stand_in(gpu_check, monkeypatch, refuse):
     """Skewed and starved routing, determinism, graph replays and the top_k=3 refusal, on the CPU:
     all pass on a correct library; a library that accepts top_k=3 fails that check alone."""
-    monkeypatch.setattr(gpu_check, "SMALL", dict(H=64, I=128, E=8))
-    monkeypatch.setattr(gpu_check, "workspace_for", lambda kernels, p, flags=0: None)
-    make = gpu_check.make_problem
-    monkeypatch.setattr(gpu_check, "make_problem", lambda *a, **k: make(*a, **dict(k, device="cpu")))
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
-    monkeypatch.setattr(gpu_check, "graph_call", lambda kernels, p, ws, out, flags=0: (
-        lambda: kernels.moe_top2_torch(**p, out=out, workspace=ws, flags=flags)))
+    _small_on_the_cpu(gpu_check, monkeypatch)
     results = []
     gpu_check.section_special(results, _RefusingTopK3(refuse), reference)
     names = [r["name"] for r in results]
