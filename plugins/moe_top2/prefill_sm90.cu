@@ -232,7 +232,12 @@ int say(char* msg, size_t size, int code, const char* fmt, ...) {
     return code;
 }
 
-int launch_failed(char* msg, size_t size, const char* what, cudaError_t err) {
+// One launch on stream s (never a programmatic dependent: the CUTLASS GEMMs do not wait on their
+// predecessors). 0, or its error, said in msg with the step's name.
+template <typename... Params, typename... Args>
+int launch(char* msg, size_t size, const char* what, void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
+           cudaStream_t s, Args... args) {
+    const cudaError_t err = launch_kernel(false, kernel, grid, block, smem, s, args...);
     if (err == cudaSuccess) return 0;
     return say(msg, size, static_cast<int>(err), "sm90 prefill: %s launch failed: %s (%s)", what, cudaGetErrorName(err),
                cudaGetErrorString(err));
@@ -290,9 +295,8 @@ int run_grouped(const GroupArrays<T>& g, int groups, void* ws, int device, int s
         return say(msg, size, static_cast<int>(err), "sm90 prefill: %d bytes of shared memory for %s: %s", smem, name,
                    cudaGetErrorName(err));
     }
-    const dim3 grid = K::get_grid_shape(params), block = K::get_block_shape();
-    const cudaError_t launched = launch_kernel(false, cutlass::device_kernel<K>, grid, block, smem, s, params);
-    return launch_failed(msg, size, name, launched);
+    return launch(msg, size, name, cutlass::device_kernel<K>, K::get_grid_shape(params), K::get_block_shape(), smem, s,
+                  params);
 }
 
 template <typename T>
@@ -311,23 +315,23 @@ int run_path(const Sm90PrefillArgs& p, cudaStream_t s, char* msg, size_t size) {
     T* up = static_cast<T*>(p.up);
 
     const unsigned gather_blocks = elementwise_blocks(static_cast<size_t>(A) * (H / 8), sms);
-    const cudaError_t gathered = launch_kernel(false, gather_rows_kernel<T>, gather_blocks, 256, 0, s,
-                                               static_cast<const T*>(p.hidden_states), p.perm, A, H, y, p.row_of);
-    if (int rc = launch_failed(msg, size, "gather", gathered)) return rc;
+    if (int rc = launch(msg, size, "gather", gather_rows_kernel<T>, gather_blocks, 256, 0, s,
+                        static_cast<const T*>(p.hidden_states), p.perm, A, H, y, p.row_of))
+        return rc;
 
     char* cursor = static_cast<char*>(p.args);
     const GroupArrays<T> g1 = carve_groups<T>(cursor, 2 * E), g2 = carve_groups<T>(cursor, E);
     if (static_cast<size_t>(cursor - static_cast<char*>(p.args)) > sm90_args_bytes(E))
         return say(msg, size, cudaErrorInvalidValue, "sm90 prefill: group arguments overflow sm90_args_bytes(%d)", E);
-    const cudaError_t set_up = launch_kernel(false, setup_groups_kernel<T>, 1, 256, 0, s, g1, g2, p.offsets, E, H, I, y,
-                                             static_cast<const T*>(p.w13), static_cast<const T*>(p.w2), act, up, y);
-    if (int rc = launch_failed(msg, size, "setup", set_up)) return rc;
+    if (int rc = launch(msg, size, "setup", setup_groups_kernel<T>, 1, 256, 0, s, g1, g2, p.offsets, E, H, I, y,
+                        static_cast<const T*>(p.w13), static_cast<const T*>(p.w2), act, up, y))
+        return rc;
 
     if (int rc = run_grouped<T>(g1, 2 * E, p.gemm_ws, device, sms, s, msg, size, "GEMM1 (gate, up)")) return rc;
     const size_t n8 = static_cast<size_t>(A) * I / 8;
-    const cudaError_t mul =
-        launch_kernel(false, silu_mul_kernel<T>, elementwise_blocks(n8, sms), 256, 0, s, act, up, n8);
-    if (int rc = launch_failed(msg, size, "silu(gate) * up", mul)) return rc;
+    if (int rc = launch(msg, size, "silu(gate) * up", silu_mul_kernel<T>, elementwise_blocks(n8, sms), 256, 0, s, act,
+                        up, n8))
+        return rc;
     return run_grouped<T>(g2, E, p.gemm_ws, device, sms, s, msg, size, "GEMM2 (down)");
 }
 
