@@ -42,6 +42,7 @@ their sum, and the gaps between dependent launches.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import math
@@ -65,7 +66,8 @@ EXTRA_SECTIONS = ("sanitize", "sm90-sanitize")  # a few tiny cases, to run under
 TOKENS = (1, 2, 3, 7, 16, 64, 65, 300, 1024, 4096)
 SMALL = dict(H=512, I=1024, E=8)
 MIXTRAL = dict(H=4096, I=14336, E=8)
-ROOFLINE = {"H100 SXM": (3.35e12, 989e12), "H200": (4.8e12, 989e12)}  # bytes/s, dense fp16 FLOP/s
+HBM = {"H100 SXM": 3.35e12, "H200": 4.8e12}  # bytes/s
+PEAK_TFLOPS = 989  # dense fp16/bf16 tensor-core peak of both: the prefill target is 50% of it
 TOL = {"fp16": 1e-2, "bf16": 1e-2, "int8": 2e-2}
 # main -> the mixtral and breakdown sections: "1" bench this option, else "0:<why not>"; an option is
 # benchmarked only after its own section passed.
@@ -569,16 +571,23 @@ def workspace_for(kernels, p, flags: int = 0):
     return torch.empty(size, dtype=torch.uint8, device="cuda")
 
 
+def enqueuer(kernels, p, ws, out, flags: int = 0):
+    """One enqueue of problem ``p`` into workspace ``ws`` and ``out`` with ``flags``, as a call
+    (what the speed table times, the profile traces and a CUDA graph captures)."""
+    return lambda: kernels.moe_top2_torch(**p, out=out, workspace=ws, flags=flags)
+
+
 def graph_call(kernels, p, ws, out, flags: int = 0):
     """One enqueue captured in a CUDA graph (as TensorRT decode would run it): replay per call."""
     import torch
 
+    enqueue = enqueuer(kernels, p, ws, out, flags)
     try:
-        kernels.moe_top2_torch(**p, out=out, workspace=ws, flags=flags)  # loads the kernels before capture
+        enqueue()  # loads the kernels before capture
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            kernels.moe_top2_torch(**p, out=out, workspace=ws, flags=flags)
+            enqueue()
     except Exception as e:  # noqa: BLE001
         print(f"  cuda graph capture failed: {type(e).__name__}: {e}", flush=True)
         return None
@@ -707,10 +716,7 @@ def section_mixtral(results, kernels, reference, rows_out, cut=None):
             p = first_tokens(problems[wmode], T)
             ws = workspace_for(kernels, p)
             out = torch.empty_like(p["hidden"])
-
-            def eager(flags=0, p=p, ws=ws, out=out):  # one enqueue of this problem into ws and out
-                return lambda: kernels.moe_top2_torch(**p, out=out, workspace=ws, flags=flags)
-
+            eager = functools.partial(enqueuer, kernels, p, ws, out)  # eager(flags): one enqueue as a call
             impls = [("ours", eager())]
             replay = graph_call(kernels, p, ws, out) if small and wmode != "bf16" else None
             if replay is not None:
@@ -765,10 +771,8 @@ def section_mixtral_sm90(results, kernels, reference, rows_out, cut=None) -> str
             ws = workspace_for(kernels, p, sm90)  # the sm90 path's workspace covers the plain enqueue's too
             out = torch.empty_like(p["hidden"])
             base = []
-            time_impls([("ours", lambda p=p, ws=ws, out=out: kernels.moe_top2_torch(**p, out=out, workspace=ws))], p,
-                       wmode, 10, reference, base)  # fmt: skip
-            time_impls([("ours[sm90]", lambda p=p, ws=ws, out=out: kernels.moe_top2_torch(
-                **p, out=out, workspace=ws, flags=sm90))], p, wmode, 10, reference, rows_out,
+            time_impls([("ours", enqueuer(kernels, p, ws, out))], p, wmode, 10, reference, base)
+            time_impls([("ours[sm90]", enqueuer(kernels, p, ws, out, sm90))], p, wmode, 10, reference, rows_out,
                        base_us=base[0]["us"] if base else None)  # fmt: skip
             del ws, out
     return None
@@ -855,8 +859,7 @@ def section_breakdown(kernels, rows_out):
         p = dict(base, hidden=base["hidden"][:T].contiguous())
         ws = workspace_for(kernels, p, flags)
         out = torch.empty_like(p["hidden"])
-        fn = graph_call(kernels, p, ws, out, flags) if graphed else (
-            lambda p=p, ws=ws, out=out, flags=flags: kernels.moe_top2_torch(**p, out=out, workspace=ws, flags=flags))
+        fn = graph_call(kernels, p, ws, out, flags) if graphed else enqueuer(kernels, p, ws, out, flags)
         if fn is None:
             continue
         try:
@@ -977,17 +980,18 @@ def print_table(rows) -> None:
         print(f"\nSpeed at Mixtral dims (H=4096, I=14336, E=8, top-2) on {c['device']}; measured copy "
               f"{c['copy_tbs']:.2f} TB/s, bf16 matmul {c['matmul_tflops']:.0f} TFLOP/s")  # fmt: skip
     print("GB/s = bytes of the selected experts' weights / time; %BW vs 3.35 TB/s (H100 SXM) and 4.8 TB/s (H200);"
-          " %MMA vs 989 TFLOP/s")  # fmt: skip
+          f" %MMA vs {PEAK_TFLOPS} TFLOP/s")  # fmt: skip
     hdr = (f"{'weights':9s} {'T':>5s} {'impl':27s} {'experts':>7s} {'us':>10s} {'GB/s':>7s} {'%H100':>6s} "
            f"{'%H200':>6s} {'TFLOP/s':>8s} {'%MMA':>5s} {'t/ours':>7s}")
     print(hdr)
     print("-" * len(hdr))
     order = list(WMODES)
     for r in sorted((r for r in rows if r["kind"] == "bench"), key=lambda r: (r["T"], order.index(r["wmode"]))):
-        bw100, bw200 = (r["gbs"] * 1e9 / ROOFLINE[k][0] * 100 for k in ("H100 SXM", "H200"))
+        bw100, bw200 = (r["gbs"] * 1e9 / HBM[k] * 100 for k in ("H100 SXM", "H200"))
+        mma = r["tflops"] / PEAK_TFLOPS * 100
         vs = f"{r['vs_ours']:.2f}" if r["vs_ours"] else "-"
         print(f"{r['wmode']:9s} {r['T']:5d} {r['impl']:27s} {r['experts']:7d} {r['us']:10.1f} {r['gbs']:7.0f} "
-              f"{bw100:5.0f}% {bw200:5.0f}% {r['tflops']:8.1f} {r['tflops'] / 989 * 100:4.0f}% {vs:>7s}")  # fmt: skip
+              f"{bw100:5.0f}% {bw200:5.0f}% {r['tflops']:8.1f} {mma:4.0f}% {vs:>7s}")  # fmt: skip
     print_sm90_summary(rows)
     print_option_summary(rows, "programmatic dependent launch (> 1x: faster with MOE_FLAG_PDL)",
                          {"ours[pdl]": "ours", "ours[pdl, cuda graph]": "ours[cuda graph]"})
@@ -995,6 +999,11 @@ def print_table(rows) -> None:
     print_option_summary(rows, "fused decode (> 1x: faster with MOE_FLAG_DECODE_FUSED)",
                          {"ours[fused]": "ours", "ours[fused, cuda graph]": "ours[cuda graph]",
                           "ours[pdl+fused, cuda graph]": "ours[pdl, cuda graph]"})
+
+
+def of_peak(row) -> str:
+    """A table row's TFLOP/s and its share of the tensor-core peak, as the summaries quote them."""
+    return f"{row['tflops']:.0f} TFLOP/s = {row['tflops'] / PEAK_TFLOPS * 100:.0f}% of {PEAK_TFLOPS}"
 
 
 def bench_rows(rows) -> dict:
@@ -1013,8 +1022,7 @@ def print_sm90_summary(rows) -> None:
         names = {"torch loop": "the PyTorch loop", "torch._grouped_mm": "_grouped_mm"}
         others += [f"{bench[(wmode, T, o)]['us'] / r['us']:.2f}x {name}"
                    for o, name in names.items() if (wmode, T, o) in bench]  # fmt: skip
-        lines.append(f"  {wmode} T={T}: {r['tflops']:.0f} TFLOP/s = {r['tflops'] / 989 * 100:.0f}% of 989; "
-                     f"speed-up vs {', '.join(others)}")  # fmt: skip
+        lines.append(f"  {wmode} T={T}: {of_peak(r)}; speed-up vs {', '.join(others)}")
     if lines:
         print("\nsm90 path (speed-up > 1: the sm90 path is faster):")
         print("\n".join(lines))
@@ -1032,8 +1040,7 @@ def print_option_summary(rows, title: str, bases: dict[str, str]) -> None:
         if base is None or (wmode, T, base) not in bench:
             continue
         b = bench[(wmode, T, base)]
-        share = (f"{r['gbs'] * 1e9 / ROOFLINE['H100 SXM'][0] * 100:.0f}% of H100 SXM bandwidth" if T <= 64
-                 else f"{r['tflops']:.0f} TFLOP/s = {r['tflops'] / 989 * 100:.0f}% of 989")  # fmt: skip
+        share = f"{r['gbs'] * 1e9 / HBM['H100 SXM'] * 100:.0f}% of H100 SXM bandwidth" if T <= 64 else of_peak(r)
         lines.append(f"  {wmode:9s} T={T:5d} {base:16s} {b['us']:8.1f} us -> {r['us']:8.1f} us "
                      f"({b['us'] / r['us']:.3f}x); {share}")  # fmt: skip
     if lines:
