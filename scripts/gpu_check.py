@@ -295,6 +295,11 @@ def section_special(results, kernels, reference):
             "top_k", results, kernels)  # fmt: skip
 
 
+def missing_flag(kernels, flag: str) -> str | None:
+    """Why an option cannot be checked with these bindings: they lack ``flag`` (None: they have it)."""
+    return None if hasattr(kernels, flag) else f"this checkout's kernels.py has no {flag}"
+
+
 # --- programmatic dependent launch (MOE_FLAG_PDL) ------------------------------------------------
 
 
@@ -302,8 +307,8 @@ def pdl_unavailable(kernels) -> str | None:
     """Why MOE_FLAG_PDL would change nothing here (None: it takes effect)."""
     import torch
 
-    if not hasattr(kernels, "FLAG_PDL"):
-        return "this checkout's kernels.py has no FLAG_PDL"
+    if (why := missing_flag(kernels, "FLAG_PDL")) is not None:
+        return why
     cap = torch.cuda.get_device_capability()
     if cap < (9, 0):
         return f"device {torch.cuda.get_device_name()} is sm_{cap[0]}{cap[1]}; programmatic launch needs sm_90+"
@@ -401,7 +406,7 @@ def graphs_match(tag: str, flags: int, results, kernels) -> None:
 
 
 def fused_unavailable(kernels) -> str | None:
-    return None if hasattr(kernels, "FLAG_DECODE_FUSED") else "this checkout's kernels.py has no FLAG_DECODE_FUSED"
+    return missing_flag(kernels, "FLAG_DECODE_FUSED")
 
 
 def section_fused(results, kernels, reference) -> str | None:
@@ -442,7 +447,7 @@ def section_fused(results, kernels, reference) -> str | None:
 
 
 def wide_unavailable(kernels) -> str | None:
-    return None if hasattr(kernels, "FLAG_PREFILL_WIDE") else "this checkout's kernels.py has no FLAG_PREFILL_WIDE"
+    return missing_flag(kernels, "FLAG_PREFILL_WIDE")
 
 
 def section_wide(results, kernels, reference) -> str | None:
@@ -476,8 +481,8 @@ def sm90_unavailable(kernels) -> str | None:
     cap = torch.cuda.get_device_capability()
     if cap != (9, 0):
         return f"device {torch.cuda.get_device_name()} is sm_{cap[0]}{cap[1]}, the path needs sm_90"
-    if not hasattr(kernels, "FLAG_PREFILL_SM90"):
-        return "this checkout's kernels.py has no FLAG_PREFILL_SM90"
+    if (why := missing_flag(kernels, "FLAG_PREFILL_SM90")) is not None:
+        return why
     p = make_problem(1, 128, 256, 8, seed=1)
     try:
         kernels.moe_top2_torch(**p, flags=kernels.FLAG_PREFILL_SM90 | kernels.FLAG_FORCE_PREFILL)
