@@ -287,12 +287,46 @@ def section_special(results, kernels, reference):
     # CUDA graphs (decode, and 64-token prefill) replayed on new inputs equal eager bit for bit
     graphs_match("plain", 0, results, kernels)
 
+    auto_checks(results, kernels, reference)
+
     # refused arguments come back as a clear error
     p = make_problem(4, **SMALL, seed=14)
     refused("top_k=3 refused", lambda: kernels.moe_top2_enqueue(
         p["hidden"].data_ptr(), p["router"].data_ptr(), p["w13"].data_ptr(), p["w2"].data_ptr(), None, None,
         p["hidden"].data_ptr(), 0, 4, 512, 1024, 8, 3, kernels.DTYPE_FP16, kernels.DTYPE_FP16, kernels.DTYPE_FP32, 0),
             "top_k", results, kernels)  # fmt: skip
+
+
+def on_sm90() -> bool:
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+
+
+def auto_takes_sm90(kernels, T: int, wmode: str) -> bool:
+    """Whether MOE_FLAG_AUTO may take the sm_90a prefill here (moe_top2.h): fp16/bf16 weights, at
+    least SM90_MIN_TOKENS tokens, an sm_90 GPU (and a library with the path, not asked here)."""
+    return "int8" not in wmode and T >= kernels.SM90_MIN_TOKENS and on_sm90()
+
+
+def auto_checks(results, kernels, reference) -> None:
+    """MOE_FLAG_AUTO, what the TensorRT plugins enqueue: against the reference for every weight
+    mode on both sides of its switches (fused decode up to 8 tokens, the sm_90a prefill from
+    SM90_MIN_TOKENS on an sm_90 GPU), with skewed routing, bit for bit against flags 0 wherever it
+    keeps the summation order (everywhere but the sm_90a prefill), and replayed from CUDA graphs."""
+    if (why := missing_flag(kernels, "FLAG_AUTO")) is not None:
+        print(f"skip auto: {why}", flush=True)
+        return
+    auto, first = kernels.FLAG_AUTO, kernels.SM90_MIN_TOKENS
+    cases = [(w, T, "random") for w in ("fp16", "bf16", "int8-bf16") for T in (1, 8, 9, 33, first - 1, first, 1024)]
+    cases += [("fp16", 1024, "skew"), ("bf16", first, "starve"), ("fp16", 3, "skew")]
+    for wmode, T, routing in cases:
+        p = make_problem(T, **SMALL, wmode=wmode, routing=routing, seed=700 + T)
+        name = f"auto {routing} {wmode} T={T}"
+        out = check(name, p, auto, wmode, results, kernels, reference)
+        if out is not None and not auto_takes_sm90(kernels, T, wmode):
+            same_bits(f"{name} == flags 0", out, kernels.moe_top2_torch(**p), results)
+    graphs_match("auto", auto, results, kernels)
 
 
 def missing_flag(kernels, flag: str) -> str | None:
@@ -361,7 +395,7 @@ def back_to_back_match(tag: str, flags: int, results, kernels, seq=(1, 16, 300, 
     import torch
 
     problems = [make_problem(T, **SMALL, wmode="fp16", seed=400 + i) for i, T in enumerate(seq)]
-    ws = workspace_for(kernels, problems[seq.index(max(seq))])
+    ws = workspace_for(kernels, problems[seq.index(max(seq))], flags)
     outs = [torch.full_like(q["hidden"], float("nan")) for q in problems]
     torch.cuda.synchronize()
     for q, out in zip(problems, outs, strict=True):
@@ -380,7 +414,7 @@ def graphs_match(tag: str, flags: int, results, kernels) -> None:
         p = make_problem(T, **SMALL, wmode="fp16", seed=13)
         static_in = p["hidden"].clone()
         q = dict(p, hidden=static_in)
-        ws = workspace_for(kernels, q)
+        ws = workspace_for(kernels, q, flags)
         out = torch.empty_like(static_in)
         replay = graph_call(kernels, q, ws, out, flags=flags)
         if replay is None:
@@ -694,8 +728,10 @@ def time_impls(impls, p, wmode: str, reps: int, reference, rows_out, base_us=Non
 def section_mixtral(results, kernels, reference, rows_out, cut=None):
     """Mixtral dims: a few checks against the reference, the copy and matmul ceilings, then the
     speed table: every token count of BENCH_TOKENS x weight mode against the PyTorch loop and
-    torch._grouped_mm; the pdl, wide and decode-fused rows only after their sections passed (the
-    sm90 path's rows come from their own section, next). Token counts that would start with under
+    torch._grouped_mm; "ours" is flags 0, "ours[auto]" MOE_FLAG_AUTO (what the plugins enqueue;
+    where it takes the sm_90a prefill, only once that path's section passed); the pdl, wide and
+    decode-fused rows only after their sections passed (the sm90 path's forced rows come from their
+    own section, next). Token counts that would start with under
     STEP_S seconds left go to ``cut``."""
     import torch
 
@@ -712,6 +748,11 @@ def section_mixtral(results, kernels, reference, rows_out, cut=None):
         if why is not None:
             print(f"  {option} rows left out: {why}", flush=True)
     no_pdl, no_wide, no_fused = reasons.values()
+    # the plugins' flags; at the sm_90a prefill's sizes only once that path passed its section
+    auto = getattr(kernels, "FLAG_AUTO", None)
+    no_sm90 = bench_reason("sm90", kernels) if auto and on_sm90() else None
+    if no_sm90 is not None:
+        print(f"  ours[auto] rows left out where it takes the sm90 path: {no_sm90}", flush=True)
     I = MIXTRAL["I"]
     w13_t = problems["bf16"]["w13"].transpose(1, 2)
     w2_t = problems["bf16"]["w2"].transpose(1, 2)
@@ -719,13 +760,18 @@ def section_mixtral(results, kernels, reference, rows_out, cut=None):
         small = T <= 64
         for wmode in ("fp16", "bf16", "int8-bf16"):
             p = first_tokens(problems[wmode], T)
-            ws = workspace_for(kernels, p)
+            ws = workspace_for(kernels, p, auto or 0)  # MOE_FLAG_AUTO's workspace serves every other call too
             out = torch.empty_like(p["hidden"])
             eager = functools.partial(enqueuer, kernels, p, ws, out)  # eager(flags): one enqueue as a call
             impls = [("ours", eager())]
             replay = graph_call(kernels, p, ws, out) if small and wmode != "bf16" else None
             if replay is not None:
                 impls.append(("ours[cuda graph]", replay))
+            if auto and (no_sm90 is None or not auto_takes_sm90(kernels, T, wmode)):
+                impls.append(("ours[auto]", eager(auto)))
+                replay = graph_call(kernels, p, ws, out, auto) if small and wmode != "bf16" else None
+                if replay is not None:
+                    impls.append(("ours[auto, cuda graph]", replay))
             if no_wide is None and not small:
                 impls.append(("ours[wide]", eager(kernels.FLAG_PREFILL_WIDE)))
             if no_pdl is None and wmode != "bf16" and (small or T == 2048):
@@ -997,6 +1043,7 @@ def print_table(rows) -> None:
         vs = f"{r['vs_ours']:.2f}" if r["vs_ours"] else "-"
         print(f"{r['wmode']:9s} {r['T']:5d} {r['impl']:27s} {r['experts']:7d} {r['us']:10.1f} {r['gbs']:7.0f} "
               f"{bw100:5.0f}% {bw200:5.0f}% {r['tflops']:8.1f} {mma:4.0f}% {vs:>7s}")  # fmt: skip
+    print_auto_summary(rows)
     print_sm90_summary(rows)
     print_option_summary(rows, "programmatic dependent launch (> 1x: faster with MOE_FLAG_PDL)",
                          {"ours[pdl]": "ours", "ours[pdl, cuda graph]": "ours[cuda graph]"})
@@ -1014,6 +1061,31 @@ def of_peak(row) -> str:
 def bench_rows(rows) -> dict:
     """The speed table's rows by (weight mode, tokens, impl)."""
     return {(r["wmode"], r["T"], r["impl"]): r for r in rows if r["kind"] == "bench"}
+
+
+def print_auto_summary(rows) -> None:
+    """The targets, read off what the plugins run (MOE_FLAG_AUTO; the faster of eager and CUDA
+    graph where both were timed): decode at >= 75% of HBM bandwidth for the selected experts'
+    bytes, 2048-token prefill at >= 50% of 989 TFLOP/s, faster than the PyTorch loop everywhere."""
+    bench = bench_rows(rows)
+    lines = []
+    for (wmode, T, impl), r in sorted(bench.items()):
+        if impl != "ours[auto]":
+            continue
+        graph = bench.get((wmode, T, "ours[auto, cuda graph]"))
+        best = graph if graph is not None and graph["us"] < r["us"] else r
+        if T <= 64:
+            share = "/".join(f"{best['gbs'] * 1e9 / HBM[k] * 100:.0f}" for k in HBM) + "% of H100 SXM/H200 bandwidth"
+        else:
+            share = of_peak(best)
+        names = {"ours": "flags 0", "torch loop": "the PyTorch loop", "torch._grouped_mm": "_grouped_mm"}
+        others = [f"{bench[(wmode, T, o)]['us'] / best['us']:.2f}x {name}"
+                  for o, name in names.items() if (wmode, T, o) in bench]  # fmt: skip
+        how = " (cuda graph)" if best is graph else ""
+        lines.append(f"  {wmode:9s} T={T:5d} {best['us']:8.1f} us{how}; {share}; speed-up vs {', '.join(others)}")
+    if lines:
+        print("\nwhat the plugins run (MOE_FLAG_AUTO; speed-up > 1: it is faster):")
+        print("\n".join(lines))
 
 
 def print_sm90_summary(rows) -> None:

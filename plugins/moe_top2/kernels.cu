@@ -276,13 +276,13 @@ int validate(const MoeTop2Params* p, const void* workspace) {
         return fail("scale_dtype=%d (%s); int8 weights need fp16 or fp32 scales", p->scale_dtype,
                     dtype_name(p->scale_dtype));
     const int known = MOE_FLAG_FORCE_DECODE | MOE_FLAG_FORCE_PREFILL | MOE_FLAG_PREFILL_SM90 | MOE_FLAG_PDL |
-                      MOE_FLAG_PREFILL_WIDE | MOE_FLAG_DECODE_FUSED;
+                      MOE_FLAG_PREFILL_WIDE | MOE_FLAG_DECODE_FUSED | MOE_FLAG_AUTO;
     if ((p->flags & ~known) || (p->flags & MOE_FLAG_FORCE_DECODE && p->flags & MOE_FLAG_FORCE_PREFILL))
         return fail("flags=%d; expected a sum of at most one of %d (force decode) and %d (force prefill), and "
                     "optionally %d (sm_90a prefill GEMMs), %d (programmatic dependent launch), %d (wide prefill "
-                    "tiles) and %d (fused decode)",
+                    "tiles), %d (fused decode) and %d (the measured-fastest choices)",
                     p->flags, MOE_FLAG_FORCE_DECODE, MOE_FLAG_FORCE_PREFILL, MOE_FLAG_PREFILL_SM90, MOE_FLAG_PDL,
-                    MOE_FLAG_PREFILL_WIDE, MOE_FLAG_DECODE_FUSED);
+                    MOE_FLAG_PREFILL_WIDE, MOE_FLAG_DECODE_FUSED, MOE_FLAG_AUTO);
     const bool sm90 = p->flags & MOE_FLAG_PREFILL_SM90;
     if (sm90 && p->flags & MOE_FLAG_FORCE_DECODE)
         return fail("flags=%d: MOE_FLAG_PREFILL_SM90 (%d) selects prefill GEMMs; it cannot be combined with "
@@ -351,6 +351,22 @@ bool device_has_pdl() {
     return usable;
 }
 
+// MOE_FLAG_AUTO's question: can the sm_90a prefill run on the current device with this library?
+// Asked once per device (the answer either way is remembered; the reason for a no is not needed).
+bool sm90_prefill_available() {
+    static DeviceMemo memo;
+    int dev = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess) {
+        cudaGetLastError();
+        return false;
+    }
+    if (const signed char seen = memo.get(dev)) return seen > 0;
+    char why[256];
+    const bool usable = sm90_prefill_check(why, sizeof(why)) == 0;
+    memo.set(dev, usable);
+    return usable;
+}
+
 // combine: GEMM2 also applies the combine (one CTA per 16 output columns, over every active expert).
 template <typename T, bool W8, int NT>
 int decode_pair(const GemmArgs& g1, const GemmArgs& g2, int slots, bool combine, const Launch& launch) {
@@ -396,7 +412,17 @@ int prefill_gemms(bool wide, const GemmArgs& g1, const GemmArgs& g2, int max_til
 template <typename T>
 int enqueue(const MoeTop2Params& p, char* ws, cudaStream_t s) {
     const int T_ = p.tokens, H = p.hidden_size, I = p.inter_size, E = p.num_experts, A = T_ * kTopK;
-    const Layout L = layout(T_, H, I, E, sizeof(T), p.flags & MOE_FLAG_PREFILL_SM90);
+    const T* hidden = static_cast<const T*>(p.hidden);
+
+    const bool w8 = p.weight_dtype == MOE_DTYPE_INT8;
+    const int decode_max = w8 ? MOE_DECODE_MAX_TOKENS_INT8 : MOE_DECODE_MAX_TOKENS;
+    const bool decode = (p.flags & MOE_FLAG_FORCE_DECODE) || (!(p.flags & MOE_FLAG_FORCE_PREFILL) && T_ <= decode_max);
+    const bool tuned = p.flags & MOE_FLAG_AUTO;  // moe_top2.h: the measured-fastest choices
+    const bool sm90 = !decode && ((p.flags & MOE_FLAG_PREFILL_SM90) ||
+                                  (tuned && !w8 && T_ >= MOE_SM90_MIN_TOKENS && sm90_prefill_available()));
+    // The common regions sit at the same offsets in both layouts: with MOE_FLAG_AUTO a workspace
+    // sized for the sm_90a layout serves the other paths as well.
+    const Layout L = layout(T_, H, I, E, sizeof(T), sm90);
     int* ids = reinterpret_cast<int*>(ws + L.ids);
     float* wts = reinterpret_cast<float*>(ws + L.wts);
     int* offsets = reinterpret_cast<int*>(ws + L.offsets);
@@ -406,17 +432,11 @@ int enqueue(const MoeTop2Params& p, char* ws, cudaStream_t s) {
     int4* tiles = reinterpret_cast<int4*>(ws + L.tiles);
     T* act = reinterpret_cast<T*>(ws + L.act);
     T* y = reinterpret_cast<T*>(ws + L.y);
-    const T* hidden = static_cast<const T*>(p.hidden);
-
-    const bool w8 = p.weight_dtype == MOE_DTYPE_INT8;
-    const int decode_max = w8 ? MOE_DECODE_MAX_TOKENS_INT8 : MOE_DECODE_MAX_TOKENS;
-    const bool decode = (p.flags & MOE_FLAG_FORCE_DECODE) || (!(p.flags & MOE_FLAG_FORCE_PREFILL) && T_ <= decode_max);
-    const bool sm90 = !decode && (p.flags & MOE_FLAG_PREFILL_SM90);
     // The sm_90a path's CUTLASS GEMMs do not wait on their predecessors: that path never uses PDL.
     const Launch launch{s, (p.flags & MOE_FLAG_PDL) && !sm90 && device_has_pdl()};
     const int rblocks = (T_ + kRouterWarps - 1) / kRouterWarps;
     const Routing routing{offsets, counters, active, perm, tiles};
-    const bool fused = decode && (p.flags & MOE_FLAG_DECODE_FUSED);
+    const bool fused = decode && ((p.flags & MOE_FLAG_DECODE_FUSED) || (tuned && rblocks == 1));
     const bool fuse_permute = fused && rblocks == 1;  // one router CTA: it permutes too
     const Routing fuse_into = fuse_permute ? routing : Routing{};
     int rc = p.router_dtype == MOE_DTYPE_FP32
@@ -469,7 +489,7 @@ size_t mixtral_moe_top2_workspace_size_flags(int tokens, int hidden, int inter, 
                                              int act_dtype, int flags) {
     if (check_shapes(tokens, hidden, inter, experts, top_k, act_dtype)) return 0;
     g_error[0] = '\0';
-    return layout(tokens, hidden, inter, experts, 2, flags & MOE_FLAG_PREFILL_SM90).total;
+    return layout(tokens, hidden, inter, experts, 2, flags & (MOE_FLAG_PREFILL_SM90 | MOE_FLAG_AUTO)).total;
 }
 
 int mixtral_moe_top2_enqueue(const MoeTop2Params* p, void* workspace, cudaStream_t stream) {

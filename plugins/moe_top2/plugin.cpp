@@ -152,7 +152,11 @@ size_t kernelWorkspace(Config const& c, char const* where, DynamicPluginTensorDe
         fail(where, "a dimension of hidden / w13 / w2 does not fit in int (the kernels' parameter type)");
         return 0;
     }
-    size_t const bytes = mixtral_moe_top2_workspace_size(tokens, hidden, inter, experts, c.topK, code(in[0].desc.type));
+    // enqueue passes MOE_FLAG_AUTO: with fp16/bf16 weights that may take the sm_90a prefill, whose
+    // regions are reserved on every GPU (the engine's workspace does not depend on the builder's GPU)
+    int const flags = usesScales(c) ? 0 : MOE_FLAG_AUTO;
+    size_t const bytes = mixtral_moe_top2_workspace_size_flags(
+        tokens, hidden, inter, experts, c.topK, code(in[0].desc.type), flags);
     if (bytes == 0)
     {
         fail(where, "the kernels refuse T=" + std::to_string(tokens) + " H=" + std::to_string(hidden) + " I="
@@ -411,7 +415,7 @@ int32_t MixtralMoETop2Plugin::enqueue(PluginTensorDesc const* inputDesc, PluginT
     p.router_dtype = code(inputDesc[1].type);
     p.weight_dtype = code(inputDesc[2].type);
     p.scale_dtype = int8 ? code(inputDesc[4].type) : MOE_DTYPE_FP32;
-    p.flags = 0;
+    p.flags = MOE_FLAG_AUTO; // the measured-fastest paths for this GPU, within kernelWorkspace's reservation
     p.hidden = inputs[0];
     p.router = inputs[1];
     p.w13 = inputs[2];

@@ -25,12 +25,14 @@ DTYPE_NAMES = {DTYPE_FP32: "fp32", DTYPE_FP16: "fp16", DTYPE_INT8: "int8", DTYPE
 
 FLAG_FORCE_DECODE = 1
 FLAG_FORCE_PREFILL = 2
-FLAG_PREFILL_SM90 = 4  # prefill GEMMs on CUTLASS/wgmma (sm_90 + a 90a build; not yet validated on a GPU)
-FLAG_PDL = 8  # programmatic dependent launch on sm_90+ (bit-identical results; not yet measured on a GPU)
-FLAG_PREFILL_WIDE = 16  # mma.sync prefill with 128x256 tiles (bit-identical; not yet measured on a GPU)
-FLAG_DECODE_FUSED = 32  # decode in 3-4 launches: router+permute, GEMM2+combine (bit-identical; unmeasured)
+FLAG_PREFILL_SM90 = 4  # prefill GEMMs on CUTLASS/wgmma (sm_90 + a 90a build, fp16/bf16 weights; refused elsewhere)
+FLAG_PDL = 8  # programmatic dependent launch on sm_90+ (bit-identical; opt-in: at most 4% faster, measured)
+FLAG_PREFILL_WIDE = 16  # mma.sync prefill with 128x256 tiles (bit-identical; opt-in: mostly slower, measured)
+FLAG_DECODE_FUSED = 32  # decode in 3-4 launches: router+permute, GEMM2+combine (bit-identical)
+FLAG_AUTO = 64  # the measured-fastest choices, what the TensorRT plugins pass (moe_top2.h: MOE_FLAG_AUTO)
 DECODE_MAX_TOKENS = 32  # auto path: memory-bound decode up to here (fp16/bf16 weights), tensor cores above
 DECODE_MAX_TOKENS_INT8 = 64  # the same for int8 weights
+SM90_MIN_TOKENS = 512  # FLAG_AUTO: the sm_90a prefill from here (fp16/bf16 weights on an sm_90 device)
 
 
 def decode_path(tokens: int, int8: bool) -> bool:
@@ -121,7 +123,7 @@ def _last_error(lib) -> str:
 def workspace_size(tokens: int, hidden: int, inter: int, experts: int, top_k: int = 2,
                    act_dtype: int = DTYPE_FP16, lib=None, flags: int = 0) -> int:  # fmt: skip
     """Bytes of device workspace for one enqueue with ``flags`` (a pure function of the shapes and
-    the flags; only FLAG_PREFILL_SM90 changes it)."""
+    the flags; only FLAG_PREFILL_SM90 and FLAG_AUTO change it)."""
     lib = lib or load_library()
     n = lib.mixtral_moe_top2_workspace_size_flags(tokens, hidden, inter, experts, top_k, act_dtype, flags)
     if n == 0:

@@ -56,6 +56,8 @@ ACTIVATION_SIZES = {"float32": 4, "float16": 2, "bfloat16": 2}
 KERNEL_DTYPES = {"float32": 0, "float16": 1, "int8": 2, "bfloat16": 7}  # moe_top2.h MOE_DTYPE_* = TensorRT DataType
 SCALE_DTYPES = ("float32", "float16")
 WORKSPACE_ALIGN = 256  # bytes; every workspace region starts on this boundary
+SM90_ARG_BYTES_PER_GROUP = 64  # the sm_90a path's per-group GEMM arguments (prefill_sm90.h)
+SM90_GEMM_WORKSPACE = 4 * 128 * 256  # its CUTLASS workspace: TMA descriptors for up to 256 SMs (prefill_sm90.h)
 PREFILL_TILE_ROWS = 128  # rows per prefill GEMM tile of the kernels (moe_top2.h: MT = ceil(A / 128) + E)
 _DTYPE_NAMES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT8": "int8", "INT32": "int32",
                 "INT64": "int64", "BOOL": "bool", "UINT8": "uint8"}  # fmt: skip
@@ -231,11 +233,14 @@ def _align(n: int) -> int:
     return -(-n // WORKSPACE_ALIGN) * WORKSPACE_ALIGN
 
 
-def workspace_regions(tokens: int, hidden: int, inter: int, experts: int, top_k: int, act_dtype_size: int):
+def workspace_regions(tokens: int, hidden: int, inter: int, experts: int, top_k: int, act_dtype_size: int,
+                      sm90: bool = False):  # fmt: skip
     """The workspace layout, in order: (name, bytes) per region; each region starts 256-aligned.
 
     The layout of the CUDA kernels' C ABI (``plugins/moe_top2/moe_top2.h``,
-    ``mixtral_moe_top2_workspace_size``), so the plugin reserves exactly what they use.
+    ``mixtral_moe_top2_workspace_size_flags``), so the plugin reserves exactly what they use;
+    ``sm90`` adds the regions of the sm_90a prefill path, which the plugin reserves for fp16/bf16
+    weights on every GPU (it enqueues with MOE_FLAG_AUTO, which takes that path on an sm_90 GPU).
     A = T * k (token, slot) assignments; MT = ceil(A / 128) + E, the most 128-row prefill tiles.
 
     | region | dtype | shape | use |
@@ -249,6 +254,10 @@ def workspace_regions(tokens: int, hidden: int, inter: int, experts: int, top_k:
     | tiles | int32 x 4 | [MT] | prefill row tiles {expert, first row, end row, 0} |
     | intermediate | A dtype | [A, I] | silu(x w1^T) * (x w3^T) of the permuted rows |
     | expert_out | A dtype | [A, H] | expert outputs, combined per token with the routing weights |
+    | row_of | int32 | [A] | (sm90) permuted row of each assignment |
+    | up | A dtype | [A, I] | (sm90) x w3^T of the permuted rows |
+    | sm90_args | bytes | 64 (3E + 4) | (sm90) the grouped GEMMs' shapes, pointers, strides |
+    | sm90_gemm | bytes | 131072 | (sm90) CUTLASS's TMA descriptors |
     """
     rows = tokens * top_k
     tiles = -(-rows // PREFILL_TILE_ROWS) + experts
@@ -262,17 +271,23 @@ def workspace_regions(tokens: int, hidden: int, inter: int, experts: int, top_k:
         ("tiles", 16 * tiles),
         ("intermediate", act_dtype_size * rows * inter),
         ("expert_out", act_dtype_size * rows * hidden),
-    ]
+    ] + ([
+        ("row_of", 4 * rows),
+        ("up", act_dtype_size * rows * inter),
+        ("sm90_args", SM90_ARG_BYTES_PER_GROUP * (3 * experts + 4)),
+        ("sm90_gemm", SM90_GEMM_WORKSPACE),
+    ] if sm90 else [])  # fmt: skip
 
 
-def workspace_bytes(tokens: int, hidden: int, inter: int, experts: int, top_k: int, act_dtype_size: int) -> int:
+def workspace_bytes(tokens: int, hidden: int, inter: int, experts: int, top_k: int, act_dtype_size: int,
+                    sm90: bool = False) -> int:  # fmt: skip
     """Scratch bytes one enqueue of ``tokens`` tokens needs: the sum of the 256-aligned regions of
     :func:`workspace_regions` (the CUDA kernels lay the workspace out in that order)."""
     for name, value in (("tokens", tokens), ("hidden", hidden), ("inter", inter), ("experts", experts),
                         ("top_k", top_k), ("act_dtype_size", act_dtype_size)):  # fmt: skip
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
             raise ValueError(f"workspace_bytes: {name}={value!r}; expected a non-negative integer")
-    return sum(_align(n) for _, n in workspace_regions(tokens, hidden, inter, experts, top_k, act_dtype_size))
+    return sum(_align(n) for _, n in workspace_regions(tokens, hidden, inter, experts, top_k, act_dtype_size, sm90))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -379,7 +394,8 @@ def _make_classes(trt):  # noqa: C901  (one class body per TensorRT interface)
             T, H = int(hidden.max[0]), int(hidden.max[1])
             E, _, I = _dims(w2.max)  # noqa: E741
             size = ACTIVATION_SIZES[dtype_name(hidden.desc.type)]
-            return workspace_bytes(T, H, I, E, self.fields.top_k, size)
+            # int8 weights never take the sm_90a prefill (enqueue_kernels: MOE_FLAG_AUTO)
+            return workspace_bytes(T, H, I, E, self.fields.top_k, size, sm90=self.fields.quantization != "int8")
 
         # -- runtime -------------------------------------------------------------------------
         @_reported
@@ -450,7 +466,9 @@ def enqueue_kernels(fields: MoEFields, shapes, dtypes, inputs, output, workspace
     """Run the MoE through the CUDA kernels' C ABI (``mixtral_moe_top2_enqueue`` of
     ``plugins/moe_top2/moe_top2.h``) via :mod:`mixtral_trt.plugins.kernels`: keyword arguments
     named as the fields of ``MoeTop2Params``, dtypes as the ABI's codes (TensorRT's DataType
-    values), device pointers and the stream as integers."""
+    values), device pointers and the stream as integers. Flags: MOE_FLAG_AUTO, the kernels'
+    measured-fastest choices for the GPU (fused decode up to 8 tokens, the sm_90a prefill from 512
+    tokens on an sm_90 GPU with fp16/bf16 weights), within the workspace get_workspace_size reserves."""
     try:
         from mixtral_trt.plugins import kernels
     except ImportError as exc:
@@ -464,7 +482,7 @@ def enqueue_kernels(fields: MoEFields, shapes, dtypes, inputs, output, workspace
     kernels.moe_top2_enqueue(
         tokens=dims.tokens, hidden_size=dims.hidden, inter_size=dims.inter, num_experts=dims.experts,
         top_k=fields.top_k, act_dtype=KERNEL_DTYPES[dtypes[0]], router_dtype=KERNEL_DTYPES[dtypes[1]],
-        weight_dtype=KERNEL_DTYPES[dtypes[2]], scale_dtype=KERNEL_DTYPES[dtypes[4]] if int8 else 0, flags=0,
+        weight_dtype=KERNEL_DTYPES[dtypes[2]], scale_dtype=KERNEL_DTYPES[dtypes[4]] if int8 else 0, flags=kernels.FLAG_AUTO,
         hidden=inputs[0], router=inputs[1], w13=inputs[2], w2=inputs[3], w13_scale=inputs[4] if int8 else 0,
         w2_scale=inputs[5] if int8 else 0, out=output, workspace=workspace, stream=stream,
     )  # fmt: skip

@@ -248,17 +248,18 @@ class _StandInKernels:
 
     FLAG_FORCE_DECODE, FLAG_FORCE_PREFILL, FLAG_PREFILL_SM90, FLAG_PDL, FLAG_PREFILL_WIDE, FLAG_DECODE_FUSED = (
         1, 2, 4, 8, 16, 32)
+    FLAG_AUTO, SM90_MIN_TOKENS = 64, 512
     KernelError = RuntimeError
     decode_path = staticmethod(kernels.decode_path)
 
-    def __init__(self, corrupt_flag: int = 0):
-        self.corrupt_flag, self.calls = corrupt_flag, []
+    def __init__(self, corrupt_flag: int = 0, corrupt_tokens=(16, 300)):
+        self.corrupt_flag, self.corrupt_tokens, self.calls = corrupt_flag, corrupt_tokens, []
 
     def moe_top2_torch(self, hidden, router, w13, w2, w13_scale=None, w2_scale=None, *, flags=0, out=None,
                        workspace=None):
         self.calls.append((hidden.shape[0], flags))
         y = reference.moe_top2_reference(hidden, router, w13, w2, w13_scale, w2_scale)
-        if self.corrupt_flag and flags & self.corrupt_flag and hidden.shape[0] in (16, 300):
+        if self.corrupt_flag and flags & self.corrupt_flag and hidden.shape[0] in self.corrupt_tokens:
             y = y.clone()
             y[-1, 0] += 1.0  # one element of one token: a bit-for-bit check sees it
         if out is None:
@@ -284,6 +285,22 @@ def test_option_sections_run_end_to_end_on_a_stand_in(gpu_check, monkeypatch, se
     else:
         assert not failed and len(results) >= 50
     assert any(flags & option for _, flags in stand_in.calls) and any(not flags & option for _, flags in stand_in.calls)
+
+
+@pytest.mark.parametrize("corrupt", [0, 64])
+def test_auto_checks_run_end_to_end_on_a_stand_in(gpu_check, monkeypatch, corrupt):
+    """The checks of MOE_FLAG_AUTO (part of the special section) on the CPU against a stand-in: a
+    correct library passes them all, one whose MOE_FLAG_AUTO output is off for 9 tokens fails
+    exactly those, against the reference and bit for bit against flags 0."""
+    _small_on_the_cpu(gpu_check, monkeypatch)
+    stand_in, results = _StandInKernels(corrupt, corrupt_tokens=(9,)), []
+    gpu_check.auto_checks(results, stand_in, reference)
+    failed = [r["name"] for r in results if not r["ok"]]
+    if corrupt:
+        assert failed and all("T=9" in name for name in failed) and any("== flags 0" in name for name in failed)
+    else:
+        assert not failed and len(results) >= 40
+    assert {T for T, flags in stand_in.calls if flags & 64} >= {1, 8, 9, 511, 512, 1024}
 
 
 def test_a_failed_sm90_section_is_diagnosed_after_the_benchmark(gpu_check, monkeypatch, capsys):
@@ -340,7 +357,8 @@ def test_mixtral_section_times_every_option_on_a_stand_in(gpu_check, monkeypatch
     for impl, T in [("ours", 1), ("ours[cuda graph]", 1), ("ours[pdl]", 1), ("ours[pdl, cuda graph]", 64),
                     ("ours[pdl]", 2048), ("ours[wide]", 2048), ("torch loop", 4096),
                     ("ours[prefill path]", 16), ("ours[decode path]", 64), ("ours[fused]", 1),
-                    ("ours[pdl+fused, cuda graph]", 64)]:  # fmt: skip
+                    ("ours[pdl+fused, cuda graph]", 64), ("ours[auto]", 1), ("ours[auto, cuda graph]", 1),
+                    ("ours[auto]", 2048), ("ours[auto]", 4096)]:  # fmt: skip
         assert (impl, T) in impls, (impl, T)
     assert ("ours[wide]", 64) not in impls and not any(impl == "ours[sm90]" for impl, _ in impls)
     stand_in, sm90_rows = _StandInKernels(), []
@@ -354,6 +372,7 @@ def test_mixtral_section_times_every_option_on_a_stand_in(gpu_check, monkeypatch
     out = capsys.readouterr().out
     assert "stand-in GPU" in out and "sm90 path (speed-up > 1" in out
     assert "programmatic dependent launch" in out and "wide prefill tiles" in out and "fused decode" in out
+    assert "what the plugins run (MOE_FLAG_AUTO" in out and "speed-up vs 1.00x flags 0, 1.00x the PyTorch loop" in out
 
 
 def test_breakdown_section_prints_gaps_and_overlaps_on_a_stand_in(gpu_check, monkeypatch, capsys):
@@ -379,7 +398,7 @@ def test_breakdown_section_prints_gaps_and_overlaps_on_a_stand_in(gpu_check, mon
 
 def test_the_stand_in_speaks_the_bindings_flags():
     for flag in ("FLAG_FORCE_DECODE", "FLAG_FORCE_PREFILL", "FLAG_PREFILL_SM90", "FLAG_PDL", "FLAG_PREFILL_WIDE",
-                 "FLAG_DECODE_FUSED"):
+                 "FLAG_DECODE_FUSED", "FLAG_AUTO", "SM90_MIN_TOKENS"):
         assert getattr(_StandInKernels, flag) == getattr(kernels, flag), flag
 
 
@@ -546,3 +565,30 @@ def test_special_section_runs_end_to_end_on_a_stand_in(gpu_check, monkeypatch, r
     assert "deterministic int8 T=1024" in names and "plain cuda graph T=64 replay 2 == eager without" in names
     failed = [r for r in results if not r["ok"]]
     assert failed == ([] if refuse else [dict(name="top_k=3 refused", ok=False, err=None, note="accepted")])
+
+
+PATHS_BENCH = SCRIPT.with_name("paths_bench.py")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the script would run its sweeps")
+def test_paths_bench_needs_a_gpu_and_says_so():
+    done = subprocess.run([sys.executable, str(PATHS_BENCH)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "paths_bench: no CUDA GPU here" in done.stderr
+
+
+def test_paths_bench_sweeps_every_variant_on_a_stand_in(monkeypatch, capsys):
+    """scripts/paths_bench.py (the numbers behind MOE_FLAG_AUTO's choices) on the CPU: every path at
+    every prefill size, every option pair eagerly and from a graph at every decode size, then the
+    summary of the fastest per size."""
+    bench = load_module(PATHS_BENCH, "paths_bench")
+    _on_the_cpu(bench.gc, monkeypatch)
+    problems = bench.gc.mixtral_problems(("fp16", "bf16", "int8-bf16"))
+    stand_in, rows = _StandInKernels(), []
+    bench.prefill_sweep(stand_in, problems, True, rows)
+    bench.decode_sweep(stand_in, problems, rows)
+    assert len(rows) == 2 * len(bench.PREFILL_TOKENS) * 3 + sum(map(len, bench.DECODE_TOKENS.values())) * 8
+    assert {r["variant"] for r in rows if r["sweep"] == "prefill"} == {"decode", "mma.sync", "sm90"}
+    assert {flags for _, flags in stand_in.calls} == {1, 2, 6, 0, 8, 32, 40}
+    bench.summary(rows)
+    out = capsys.readouterr().out
+    assert "prefill fp16      T= 512: decode" in out and "decode  int8-bf16 T=  64: plain, eager" in out

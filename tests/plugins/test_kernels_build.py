@@ -375,19 +375,21 @@ def test_workspace_size_is_the_layout_formula(lib, T, H, I, E):
         options = (kernels.FLAG_PDL, kernels.FLAG_PREFILL_WIDE, kernels.FLAG_DECODE_FUSED)
         for flags in (kernels.FLAG_FORCE_DECODE, kernels.FLAG_FORCE_PREFILL, *options):
             assert kernels.workspace_size(T, H, I, E, 2, act, lib=lib, flags=flags) == first
-        sm90 = kernels.workspace_size(T, H, I, E, 2, act, lib=lib, flags=kernels.FLAG_PREFILL_SM90)
-        assert sm90 == workspace_formula(T, H, I, E, sm90=True)
+        for flags in (kernels.FLAG_PREFILL_SM90, kernels.FLAG_AUTO, kernels.FLAG_AUTO | kernels.FLAG_PDL):
+            sm90 = kernels.workspace_size(T, H, I, E, 2, act, lib=lib, flags=flags)
+            assert sm90 == workspace_formula(T, H, I, E, sm90=True)
 
 
-def test_only_the_sm90_flag_grows_the_workspace(lib):
+def test_only_the_sm90_and_auto_flags_grow_the_workspace(lib):
     """The sm_90a path's regions come after every path's, so the others' offsets are unchanged,
-    and only a caller passing MOE_FLAG_PREFILL_SM90 reserves them: at Mixtral dims and T=4096
-    they add ``up`` (235 MB) to the 302 MB every path needs."""
+    and only a caller passing MOE_FLAG_PREFILL_SM90 or MOE_FLAG_AUTO (which may take that path)
+    reserves them: at Mixtral dims and T=4096 they add ``up`` (235 MB) to the 302 MB every path needs."""
     T, H, I, E = 4096, 4096, 14336, 8
     plain = kernels.workspace_size(T, H, I, E, 2, kernels.DTYPE_BF16, lib=lib)
-    grown = kernels.workspace_size(T, H, I, E, 2, kernels.DTYPE_BF16, lib=lib, flags=kernels.FLAG_PREFILL_SM90) - plain
-    assert grown == 4 * 2 * T + 2 * 2 * T * I + 64 * (3 * E + 4) + 131072
-    assert round(plain / 1e6) == 302 and round(grown / 1e6) == 235
+    for flags in (kernels.FLAG_PREFILL_SM90, kernels.FLAG_AUTO):
+        grown = kernels.workspace_size(T, H, I, E, 2, kernels.DTYPE_BF16, lib=lib, flags=flags) - plain
+        assert grown == 4 * 2 * T + 2 * 2 * T * I + 64 * (3 * E + 4) + 131072
+        assert round(plain / 1e6) == 302 and round(grown / 1e6) == 235
 
 
 def test_sm90_workspace_constants_are_documented():
@@ -441,7 +443,7 @@ def _enqueue(lib, **overrides):
         (dict(weight_dtype=kernels.DTYPE_INT8, scale_dtype=kernels.DTYPE_INT8), "scale_dtype=2"),
         (dict(weight_dtype=kernels.DTYPE_INT8, scale_dtype=kernels.DTYPE_FP16), "w13_scale is null"),
         (dict(flags=3), "flags=3"),
-        (dict(flags=64), "flags=64"),
+        (dict(flags=128), "flags=128"),
         (dict(flags=kernels.FLAG_PDL | 3), "flags=11"),
         (dict(flags=kernels.FLAG_PREFILL_SM90 | kernels.FLAG_FORCE_DECODE), "cannot be combined with MOE_FLAG_FORCE"),
         (dict(flags=kernels.FLAG_PREFILL_SM90, weight_dtype=kernels.DTYPE_INT8, w13_scale=1 << 20, w2_scale=1 << 20),
@@ -470,10 +472,21 @@ def test_sm90_flag_without_a_gpu_is_refused(lib):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the fake pointers would be dereferenced")
 @pytest.mark.parametrize("flags", [0, kernels.FLAG_PDL, kernels.FLAG_PDL | kernels.FLAG_FORCE_PREFILL,
                                    kernels.FLAG_PREFILL_WIDE | kernels.FLAG_FORCE_PREFILL,
-                                   kernels.FLAG_DECODE_FUSED | kernels.FLAG_PDL])
+                                   kernels.FLAG_DECODE_FUSED | kernels.FLAG_PDL, kernels.FLAG_AUTO])
 def test_enqueue_without_a_gpu_reports_the_cuda_error(lib, flags):
     with pytest.raises(kernels.KernelError, match="kernel launch failed: cuda"):  # past validation
         _enqueue(lib, flags=flags)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the fake pointers would be dereferenced")
+@pytest.mark.parametrize("tokens", [kernels.SM90_MIN_TOKENS, 4096])
+def test_auto_without_an_sm90_gpu_takes_the_other_prefill(lib, tokens):
+    """Where MOE_FLAG_PREFILL_SM90 alone is refused (no sm_90 GPU), MOE_FLAG_AUTO at prefill sizes
+    falls back to the mma.sync prefill: the enqueue gets past validation and the path choice to the
+    launches, which fail here for want of a GPU; int8 weights never ask for the sm_90a path."""
+    for weights in ({}, dict(weight_dtype=kernels.DTYPE_INT8, w13_scale=1 << 20, w2_scale=1 << 20)):
+        with pytest.raises(kernels.KernelError, match="kernel launch failed: cuda"):
+            _enqueue(lib, tokens=tokens, flags=kernels.FLAG_AUTO, **weights)
 
 
 # --- references ---------------------------------------------------------------------------------
@@ -615,6 +628,27 @@ def test_sm90_prefill_matches_the_reference_on_gpu(lib, T, mode):
     assert reference.relative_error(out, ref, rows) <= 1e-2
 
 
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("T", [1, 8, 9, 65, kernels.SM90_MIN_TOKENS - 1, kernels.SM90_MIN_TOKENS])
+@pytest.mark.parametrize("mode", ["fp16", "bf16", "int8"])
+def test_auto_matches_the_reference_on_gpu(lib, T, mode):
+    """MOE_FLAG_AUTO (what the plugins pass): against the reference, and bit for bit against flags 0
+    wherever it does not take the sm_90a prefill (fused decode sums in the same order)."""
+    dtype = torch.bfloat16 if mode == "bf16" else torch.float16
+    p = _problem(T=T, H=256, I=512, E=8, seed=T, device="cuda")
+    p = {k: v.to(dtype) if k != "router" else v for k, v in p.items()}
+    if mode == "int8":
+        p["w13"], p["w13_scale"] = reference.quantize_int8(p["w13"])
+        p["w2"], p["w2_scale"] = reference.quantize_int8(p["w2"])
+    out = kernels.moe_top2_torch(**p, flags=kernels.FLAG_AUTO, lib=lib)
+    ref = reference.moe_top2_reference(**p)
+    rows = reference.routing_margin(p["hidden"], p["router"]) > 1e-4
+    assert reference.relative_error(out, ref, rows) <= (2e-2 if mode == "int8" else 1e-2)
+    if not (_on_sm90() and mode != "int8" and T >= kernels.SM90_MIN_TOKENS):
+        assert torch.equal(out, kernels.moe_top2_torch(**p, lib=lib))
+
+
 # --- the binding speaks the header's ABI ------------------------------------------------------
 
 
@@ -642,3 +676,5 @@ def test_constants_match_the_header():
     assert int(defines["MOE_FLAG_FORCE_DECODE"]) == kernels.FLAG_FORCE_DECODE
     assert int(defines["MOE_FLAG_FORCE_PREFILL"]) == kernels.FLAG_FORCE_PREFILL
     assert int(defines["MOE_FLAG_PREFILL_SM90"]) == kernels.FLAG_PREFILL_SM90 == 4
+    assert int(defines["MOE_FLAG_AUTO"]) == kernels.FLAG_AUTO == 64
+    assert int(defines["MOE_SM90_MIN_TOKENS"]) == kernels.SM90_MIN_TOKENS

@@ -173,6 +173,11 @@ def test_workspace_at_mixtral_dims():
     # A 4096-token prefill: A = 8192, 72 tiles (1152 -> 1280 bytes); the activations dominate (~294 MB).
     rows = 4096 * 2
     assert P.workspace_bytes(4096, H, I, E, 2, 2) == 3 * 4 * rows + 3 * 256 + 1280 + rows * I * 2 + rows * H * 2
+    # fp16/bf16 weights also reserve the sm_90a prefill's regions: row_of, up, GEMM arguments
+    # (64 * (3E + 4) = 1792 bytes), CUTLASS's TMA descriptors; ~235 MB more at T=4096.
+    grown = P.workspace_bytes(4096, H, I, E, 2, 2, sm90=True) - P.workspace_bytes(4096, H, I, E, 2, 2)
+    assert grown == 4 * rows + rows * I * 2 + 1792 + 131072
+    assert P.workspace_bytes(1, H, I, E, 2, 2, sm90=True) == 75520 + 256 + 2 * I * 2 + 1792 + 131072
 
 
 def test_workspace_is_a_pure_monotone_function_of_shapes():
@@ -206,6 +211,30 @@ def test_enqueue_without_the_kernel_library_raises_and_computes_nothing(monkeypa
         P.enqueue_kernels(P.MoEFields(E), _shapes(), ["float16"] * 4, [1, 2, 3, 4], 5, 6, 0)
 
 
+@pytest.mark.parametrize("int8", [False, True])
+def test_enqueue_passes_auto_within_the_reserved_workspace(monkeypatch, int8):
+    """enqueue_kernels hands the kernels MOE_FLAG_AUTO with the shapes and dtype codes, and what
+    get_workspace_size reserves for those weights is what the kernels ask for with that flag
+    (int8 weights never take the sm_90a path: the flags-0 layout)."""
+    import types
+
+    import mixtral_trt.plugins
+    from mixtral_trt.plugins import kernels as real
+
+    seen = {}
+    fake = types.SimpleNamespace(FLAG_AUTO=real.FLAG_AUTO, load_library=lambda: None,
+                                 moe_top2_enqueue=lambda **kw: seen.update(kw))  # fmt: skip
+    monkeypatch.setitem(sys.modules, "mixtral_trt.plugins.kernels", fake)
+    monkeypatch.setattr(mixtral_trt.plugins, "kernels", fake, raising=False)
+    dtypes = ["float16", "float16"] + (["int8", "int8", "float32", "float32"] if int8 else ["float16"] * 2)
+    fields = P.MoEFields(E, quantization="int8" if int8 else "none")
+    P.enqueue_kernels(fields, _shapes(int8=int8), dtypes, list(range(1, 7 if int8 else 5)), 9, 10, 11)
+    assert seen["flags"] == real.FLAG_AUTO == 64
+    assert (seen["tokens"], seen["hidden_size"], seen["inter_size"], seen["num_experts"]) == (T, H, I, E)
+    assert seen["weight_dtype"] == P.KERNEL_DTYPES["int8" if int8 else "float16"]
+    assert (seen["workspace"], seen["stream"], seen["out"]) == (10, 11, 9)
+
+
 @pytest.mark.slow
 def test_workspace_formula_is_the_kernel_librarys():
     """The plugin reserves what the CUDA kernels use: compare with their C ABI (built with nvcc, ~1 min)."""
@@ -216,9 +245,11 @@ def test_workspace_formula_is_the_kernel_librarys():
         library = build.build_library(archs=("80",), verbose=False)
     except build.BuildError as exc:
         pytest.skip(f"the kernel library cannot be built here: {exc}")
-    size = ctypes.CDLL(str(library)).mixtral_moe_top2_workspace_size
-    size.restype, size.argtypes = ctypes.c_size_t, [ctypes.c_int] * 6
+    size = ctypes.CDLL(str(library)).mixtral_moe_top2_workspace_size_flags
+    size.restype, size.argtypes = ctypes.c_size_t, [ctypes.c_int] * 7
     shapes = itertools.product((0, 1, 7, 64, 129, 4096), (64, 4096), (64, 14336), (2, 8, 256))
     for T, H, I, E in shapes:  # noqa: N806, E741
         for code in (P.KERNEL_DTYPES["float16"], P.KERNEL_DTYPES["bfloat16"]):
-            assert size(T, H, I, E, 2, code) == P.workspace_bytes(T, H, I, E, 2, 2), (T, H, I, E, code)
+            assert size(T, H, I, E, 2, code, 0) == P.workspace_bytes(T, H, I, E, 2, 2), (T, H, I, E, code)
+            auto = size(T, H, I, E, 2, code, 64)  # MOE_FLAG_AUTO, what the plugin enqueues with
+            assert auto == P.workspace_bytes(T, H, I, E, 2, 2, sm90=True), (T, H, I, E, code)

@@ -402,6 +402,20 @@ int main(int argc, char** argv)
     auto dyn1 = dynDescs(mixtral, 1);
     size_t const ws1 = build->getWorkspaceSize(dyn1.data(), 6, &dyn1[6], 1);
     CHECK(ws1 > 0 && ws512 > ws1, "workspace grows with tokens (%zu, %zu)", ws1, ws512);
+    {   // fp16 weights: the sm_90a prefill's regions too (enqueue passes MOE_FLAG_AUTO), on any GPU
+        IPluginV3* fp16 = create(creator, {i32("num_experts", 8), i32("top_k", 2), str("activation", "swiglu"),
+            str("quantization", "none")}, TensorRTPhase::kBUILD);
+        CHECK(fp16 != nullptr, "fp16 plugin");
+        auto* b16 = static_cast<IPluginV3OneBuild*>(fp16->getCapabilityInterface(PluginCapabilityType::kBUILD));
+        Case half = mixtral;
+        half.weight = DataType::kHALF;
+        half.int8 = false;
+        auto dyn16 = dynDescs(half, 512);
+        size_t const sm90 = 4 * 1024 + 2 * 1024 * 14336 + 64 * 28 + 131072; // row_of, up, GEMM args, TMA
+        size_t const ws16 = b16->getWorkspaceSize(dyn16.data(), 4, &dyn16[4], 1);
+        CHECK(ws16 == ws512 + sm90, "fp16 workspace = int8's + the sm_90a regions (%zu, %zu)", ws16, ws512);
+        delete fp16;
+    }
     Case odd = mixtral;
     odd.H = 100;
     auto dynOdd = dynDescs(odd, 8);
