@@ -56,15 +56,15 @@ extern "C" {
 /* The mma.sync prefill GEMMs use 128 x 256 CTA tiles (4 stages, one CTA per SM, 64 x 64 per warp)
  * in place of 128 x 128 (3 stages, two CTAs per SM, 64 x 32 per warp): fewer shared-memory reads
  * per mma. Every output element sums its k in the same order, so the results are bit-identical.
- * No effect on the decode path or with MOE_FLAG_PREFILL_SM90. Opt-in: on an H200 it measured 4% faster
- * at 2048 fp16 tokens and up to 15% slower elsewhere. */
+ * No effect on the decode path or with MOE_FLAG_PREFILL_SM90. Opt-in: on an H100 and an H200 it measured
+ * 0.86-1.14x the default tiles, faster only at 4096 tokens and not in every run. */
 #define MOE_FLAG_PREFILL_WIDE 16
 /* Fused decode: on the decode path, up to 8 tokens (one router CTA) the router's CTA also builds
  * the permutation, and GEMM2 runs one CTA per 16 output columns over every active expert in turn
  * (in place of one per 16 columns and expert), then applies the combine to its columns itself:
  * three launches instead of five (four above 8 tokens), and the same weight bytes for every CTA.
  * Bit-identical results. No effect on the prefill paths. MOE_FLAG_AUTO takes it up to 8 tokens, where it
- * measured 3-20% faster on an H100 and an H200; above 8 it is slower with int8 weights. */
+ * measured 4-25% faster on an H100 and an H200; above 8 it is slower with int8 weights. */
 #define MOE_FLAG_DECODE_FUSED 32
 /* The measured-fastest choices for the device, as the TensorRT plugins enqueue: MOE_FLAG_DECODE_FUSED
  * on the decode path up to 8 tokens; MOE_FLAG_PREFILL_SM90 on the prefill path from
@@ -85,7 +85,7 @@ extern "C" {
 #define MOE_DECODE_MAX_TOKENS_INT8 64
 /* Tokens from which MOE_FLAG_AUTO runs the sm_90a prefill (measured crossover with the mma.sync
  * prefill at Mixtral dims: between 384 and 512 tokens on an H100; at 512 the sm_90a path is
- * 1.1x faster on an H100 and 1.4x on an H200). */
+ * 1.1-1.2x faster on an H100 and 1.4-1.7x on an H200). */
 #define MOE_SM90_MIN_TOKENS 512
 #define MOE_MAX_EXPERTS 256
 
