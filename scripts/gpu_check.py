@@ -792,8 +792,8 @@ def section_mixtral(results, kernels, reference, rows_out, cut=None):
                 for path, flag in (("decode", kernels.FLAG_FORCE_DECODE), ("prefill", kernels.FLAG_FORCE_PREFILL)):
                     if kernels.decode_path(T, "int8" in wmode) != (path == "decode"):
                         impls.append((f"ours[{path} path]", eager(flag)))
-            if "int8" not in wmode:
-                impls.append(("torch loop", lambda p=p: reference.moe_top2_loop(**p)))
+            # int8: the loop dequantises each selected expert's weights, then multiplies in bf16
+            impls.append(("torch loop", lambda p=p: reference.moe_top2_loop(**p)))
             if wmode == "bf16" and hasattr(torch, "_grouped_mm"):
                 impls.append(("torch._grouped_mm", lambda p=p: grouped_mm_moe(p["hidden"], p["router"], w13_t, w2_t, I)))
             time_impls(impls, p, wmode, 50 if small else 10, reference, rows_out)
