@@ -569,23 +569,34 @@ def test_relative_error_is_inf_on_nan():
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-@pytest.mark.gpu
-@gpu
-@pytest.mark.parametrize("T", [1, 7, 65, 300])
-@pytest.mark.parametrize("mode", ["fp16", "bf16", "int8"])
-@pytest.mark.parametrize("flags", [0, kernels.FLAG_FORCE_DECODE, kernels.FLAG_FORCE_PREFILL])
-def test_kernels_match_the_reference_on_gpu(lib, T, mode, flags):
+def _gpu_problem(T: int, mode: str):
+    """A small problem on the GPU: fp16 or bf16 activations and weights, or ("int8") fp16
+    activations with int8 weights and fp32 per-channel scales."""
     dtype = torch.bfloat16 if mode == "bf16" else torch.float16
     p = _problem(T=T, H=256, I=512, E=8, seed=T, device="cuda")
     p = {k: v.to(dtype) if k != "router" else v for k, v in p.items()}
     if mode == "int8":
         p["w13"], p["w13_scale"] = reference.quantize_int8(p["w13"])
         p["w2"], p["w2_scale"] = reference.quantize_int8(p["w2"])
-    out = torch.full_like(p["hidden"], float("nan"))
-    kernels.moe_top2_torch(**p, flags=flags, out=out, lib=lib)
+    return p
+
+
+def _assert_near_reference(out, p, mode: str) -> None:
     ref = reference.moe_top2_reference(**p)
     rows = reference.routing_margin(p["hidden"], p["router"]) > 1e-4
     assert reference.relative_error(out, ref, rows) <= (2e-2 if mode == "int8" else 1e-2)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("T", [1, 7, 65, 300])
+@pytest.mark.parametrize("mode", ["fp16", "bf16", "int8"])
+@pytest.mark.parametrize("flags", [0, kernels.FLAG_FORCE_DECODE, kernels.FLAG_FORCE_PREFILL])
+def test_kernels_match_the_reference_on_gpu(lib, T, mode, flags):
+    p = _gpu_problem(T, mode)
+    out = torch.full_like(p["hidden"], float("nan"))
+    kernels.moe_top2_torch(**p, flags=flags, out=out, lib=lib)
+    _assert_near_reference(out, p, mode)
 
 
 @pytest.mark.gpu
@@ -618,14 +629,10 @@ def _on_sm90() -> bool:
 @pytest.mark.parametrize("T", [1, 7, 65, 300])
 @pytest.mark.parametrize("mode", ["fp16", "bf16"])
 def test_sm90_prefill_matches_the_reference_on_gpu(lib, T, mode):
-    dtype = torch.bfloat16 if mode == "bf16" else torch.float16
-    p = _problem(T=T, H=256, I=512, E=8, seed=T, device="cuda")
-    p = {k: v.to(dtype) if k != "router" else v for k, v in p.items()}
+    p = _gpu_problem(T, mode)
     out = torch.full_like(p["hidden"], float("nan"))
     kernels.moe_top2_torch(**p, flags=kernels.FLAG_PREFILL_SM90 | kernels.FLAG_FORCE_PREFILL, out=out, lib=lib)
-    ref = reference.moe_top2_reference(**p)
-    rows = reference.routing_margin(p["hidden"], p["router"]) > 1e-4
-    assert reference.relative_error(out, ref, rows) <= 1e-2
+    _assert_near_reference(out, p, mode)
 
 
 @pytest.mark.gpu
@@ -635,16 +642,9 @@ def test_sm90_prefill_matches_the_reference_on_gpu(lib, T, mode):
 def test_auto_matches_the_reference_on_gpu(lib, T, mode):
     """MOE_FLAG_AUTO (what the plugins pass): against the reference, and bit for bit against flags 0
     wherever it does not take the sm_90a prefill (fused decode sums in the same order)."""
-    dtype = torch.bfloat16 if mode == "bf16" else torch.float16
-    p = _problem(T=T, H=256, I=512, E=8, seed=T, device="cuda")
-    p = {k: v.to(dtype) if k != "router" else v for k, v in p.items()}
-    if mode == "int8":
-        p["w13"], p["w13_scale"] = reference.quantize_int8(p["w13"])
-        p["w2"], p["w2_scale"] = reference.quantize_int8(p["w2"])
+    p = _gpu_problem(T, mode)
     out = kernels.moe_top2_torch(**p, flags=kernels.FLAG_AUTO, lib=lib)
-    ref = reference.moe_top2_reference(**p)
-    rows = reference.routing_margin(p["hidden"], p["router"]) > 1e-4
-    assert reference.relative_error(out, ref, rows) <= (2e-2 if mode == "int8" else 1e-2)
+    _assert_near_reference(out, p, mode)
     if not (_on_sm90() and mode != "int8" and T >= kernels.SM90_MIN_TOKENS):
         assert torch.equal(out, kernels.moe_top2_torch(**p, lib=lib))
 
