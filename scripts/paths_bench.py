@@ -32,6 +32,16 @@ PREFILL_TOKENS = (16, 24, 32, 40, 48, 64, 96, 128, 192, 256, 384, 512)
 DECODE_TOKENS = {"fp16": (1, 2, 4, 8, 16, 32), "bf16": (1, 2, 4, 8, 16, 32), "int8-bf16": (1, 2, 4, 8, 16, 32, 64)}
 
 
+def time_variant(rows: list, sweep: str, wmode: str, T: int, variant: str, fn, warmup: int, reps: int) -> None:
+    """Times ``fn``, adds its row (its time over that of the first variant timed for the same
+    sweep, weights and tokens) and prints it."""
+    us = gc.bench(fn, warmup, reps)
+    group = (sweep, wmode, T)
+    base = next((r["us"] for r in rows if (r["sweep"], r["wmode"], r["T"]) == group), us)
+    rows.append(dict(sweep=sweep, wmode=wmode, T=T, variant=variant, us=us, vs_first=us / base))
+    print(f"{sweep:7s} {wmode:9s} T={T:4d} {variant:18s} {us:9.1f} us  {us / base:5.2f}x", flush=True)
+
+
 def prefill_sweep(kernels, problems, sm90_ok: bool, rows: list) -> None:
     import torch
 
@@ -43,12 +53,8 @@ def prefill_sweep(kernels, problems, sm90_ok: bool, rows: list) -> None:
             p = gc.first_tokens(problems[wmode], T)
             ws = gc.workspace_for(kernels, p, kernels.FLAG_PREFILL_SM90 if sm90_ok else 0)
             out = torch.empty_like(p["hidden"])
-            base = None
             for name, flags in variants:
-                us = gc.bench(gc.enqueuer(kernels, p, ws, out, flags), 3, 30)
-                base = base or us
-                rows.append(dict(sweep="prefill", wmode=wmode, T=T, variant=name, us=us, vs_first=us / base))
-                print(f"prefill {wmode:9s} T={T:4d} {name:10s} {us:9.1f} us  {us / base:5.2f}x", flush=True)
+                time_variant(rows, "prefill", wmode, T, name, gc.enqueuer(kernels, p, ws, out, flags), 3, 30)
             del ws, out
 
 
@@ -62,18 +68,11 @@ def decode_sweep(kernels, problems, rows: list) -> None:
             p = gc.first_tokens(problems[wmode], T)
             ws = gc.workspace_for(kernels, p)
             out = torch.empty_like(p["hidden"])
-            base = None
             for name, flags in combos:
                 for how, fn in (("eager", gc.enqueuer(kernels, p, ws, out, flags)),
                                 ("graph", gc.graph_call(kernels, p, ws, out, flags))):  # fmt: skip
-                    if fn is None:
-                        continue
-                    us = gc.bench(fn, 5, 50)
-                    base = base or us
-                    rows.append(dict(sweep="decode", wmode=wmode, T=T, variant=f"{name}, {how}", us=us,
-                                     vs_first=us / base))  # fmt: skip
-                    print(f"decode  {wmode:9s} T={T:4d} {name + ', ' + how:18s} {us:9.1f} us  {us / base:5.2f}x",
-                          flush=True)  # fmt: skip
+                    if fn is not None:
+                        time_variant(rows, "decode", wmode, T, f"{name}, {how}", fn, 5, 50)
             del ws, out
 
 

@@ -176,6 +176,20 @@ struct DeviceMemo {
     void set(int dev, bool yes) {
         if (dev >= 0 && dev < kDevices) known[dev].store(yes ? 1 : -1, std::memory_order_relaxed);
     }
+    // The current device's answer: remembered, or ask(dev) once and remembered either way. No
+    // device (cudaGetDevice fails) is a no, and its error is not left behind for the next launch check.
+    template <typename Ask>
+    bool current(Ask ask) {
+        int dev = 0;
+        if (cudaGetDevice(&dev) != cudaSuccess) {
+            cudaGetLastError();
+            return false;
+        }
+        if (const signed char seen = get(dev)) return seen > 0;
+        const bool yes = ask(dev);
+        set(dev, yes);
+        return yes;
+    }
 };
 
 // One launch on stream s; with pdl, as a programmatic dependent of the previous launch there (see

@@ -335,36 +335,25 @@ __global__ void pdl_probe_kernel() {}
 // changes nothing. Asked once per device (two queries and a module lookup), then remembered.
 bool device_has_pdl() {
     static DeviceMemo memo;
-    int dev = 0;
-    if (cudaGetDevice(&dev) != cudaSuccess) {
+    return memo.current([](int dev) {
+        int major = 0;
+        cudaFuncAttributes fa{};
+        const bool usable = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
+                            major >= 9 && cudaFuncGetAttributes(&fa, pdl_probe_kernel) == cudaSuccess &&
+                            fa.ptxVersion >= 90;
         cudaGetLastError();  // not left behind for the next launch check
-        return false;
-    }
-    if (const signed char seen = memo.get(dev)) return seen > 0;
-    int major = 0;
-    cudaFuncAttributes fa{};
-    const bool usable = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
-                        major >= 9 && cudaFuncGetAttributes(&fa, pdl_probe_kernel) == cudaSuccess &&
-                        fa.ptxVersion >= 90;
-    cudaGetLastError();
-    memo.set(dev, usable);
-    return usable;
+        return usable;
+    });
 }
 
 // MOE_FLAG_AUTO's question: can the sm_90a prefill run on the current device with this library?
 // Asked once per device (the answer either way is remembered; the reason for a no is not needed).
 bool sm90_prefill_available() {
     static DeviceMemo memo;
-    int dev = 0;
-    if (cudaGetDevice(&dev) != cudaSuccess) {
-        cudaGetLastError();
-        return false;
-    }
-    if (const signed char seen = memo.get(dev)) return seen > 0;
-    char why[256];
-    const bool usable = sm90_prefill_check(why, sizeof(why)) == 0;
-    memo.set(dev, usable);
-    return usable;
+    return memo.current([](int) {
+        char why[256];
+        return sm90_prefill_check(why, sizeof(why)) == 0;
+    });
 }
 
 // combine: GEMM2 also applies the combine (one CTA per 16 output columns, over every active expert).
