@@ -88,8 +88,7 @@ class MixtralConfig:
             num_attention_heads=heads,
             num_key_value_heads=get.int("num_key_value_heads", default=heads),
             head_dim=_as_int(head_dim, "head_dim", source),
-            num_local_experts=get.int("num_experts" if raw.get("num_local_experts") is None and raw.get("num_experts") is not None
-                                      else "num_local_experts"),
+            num_local_experts=get.int(_experts_field(raw)),
             num_experts_per_tok=get.int("num_experts_per_tok"),
             rms_norm_eps=get.float("rms_norm_eps"),
             rope_theta=_rope_theta(raw, source),
@@ -174,6 +173,12 @@ def _token_ids(value: Any) -> list:
 
 # Fields a config.json may spell two ways; transformers 5 reads the second of each pair first.
 _ALIASES = (("num_local_experts", "num_experts"), ("torch_dtype", "dtype"))
+
+
+def _experts_field(raw: dict[str, Any]) -> str:
+    """``num_experts`` (transformers' alias) when it alone is given."""
+    alone = raw.get("num_local_experts") is None and raw.get("num_experts") is not None
+    return "num_experts" if alone else "num_local_experts"
 
 
 def _check_aliases(raw: dict[str, Any], source: str) -> None:

@@ -61,7 +61,8 @@ def _file_size(root: Path, location: str, where: str) -> int:
     """The size of the data file ``location`` names, once it is known to be a regular file inside ``root``."""
     if not location:
         raise ExternalDataError(f"{where}: the location is empty; {_FIX}")
-    if PurePosixPath(location).is_absolute() or PureWindowsPath(location).is_absolute() or PureWindowsPath(location).drive:
+    windows = PureWindowsPath(location)
+    if PurePosixPath(location).is_absolute() or windows.is_absolute() or windows.drive:
         raise ExternalDataError(f"{where} is an absolute path; locations must be relative to the graph's directory "
                                 f"{root}; {_FIX}")  # fmt: skip
     parts = PurePosixPath(location.replace("\\", "/")).parts

@@ -127,7 +127,8 @@ def _stages(plan: Plan, target: str, ort_precision: str, fresh: set[Path]):
             from mixtral_trt.optimize.precision import convert
 
             return convert(export_dir, dst, precision, int8_lm_head=plan.int8_lm_head, int8_router=plan.int8_router,
-                           int8_attention=plan.int8_attention, progress=progress, verify=verify(export_dir))  # fmt: skip
+                           int8_attention=plan.int8_attention, progress=progress,
+                           verify=verify(export_dir))  # fmt: skip
 
         return make
 

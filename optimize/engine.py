@@ -148,7 +148,8 @@ def _current_gpu_sms() -> list[str]:
 
 
 def parse(src_dir: str | Path, *, target: str | None = None, max_seq_len: int | None = None,
-          max_batch: int | None = None, cache_update: str = "inplace", verify: bool = True) -> ParsedNetwork:  # fmt: skip
+          max_batch: int | None = None, cache_update: str = "inplace",
+          verify: bool = True) -> ParsedNetwork:  # fmt: skip
     """Lower ``src_dir``'s graph and parse it into a TensorRT network (no build); ``verify`` as in :func:`build`."""
     src_dir = Path(src_dir)
     manifest, model_path = _source(src_dir, verify)

@@ -191,8 +191,9 @@ def check_moe_node(node: onnx.NodeProto, shapes: dict[str, list]) -> None:
         inputs.pop()
     need = 6 if quantization == "int8" else 4
     if len(inputs) != need or not all(inputs):
-        raise LoweringError(f"{where}: MoETop2 with quantization={quantization!r} takes {need} inputs (hidden, router, "
-                            f"w13, w2{', w13_scale, w2_scale' if need == 6 else ''}); the node has {inputs}")  # fmt: skip
+        names = "hidden, router, w13, w2" + (", w13_scale, w2_scale" if need == 6 else "")
+        raise LoweringError(f"{where}: MoETop2 with quantization={quantization!r} takes {need} inputs ({names}); "
+                            f"the node has {inputs}")  # fmt: skip
     for name, what in zip(inputs[1:], ("router rows", "w13 experts", "w2 experts", "w13_scale experts",
                                        "w2_scale experts")):  # fmt: skip
         lead = (shapes.get(name) or [None])[0]

@@ -119,7 +119,8 @@ def test_engine_command_refuses_a_flipped_byte(small_export, tmp_path):
     result = CliRunner().invoke(main, ["engine", str(src), "--out", str(tmp_path / "e"), "--target", "tensorrt-rtx",
                                        "--quiet"])  # fmt: skip
     assert result.exit_code == 1, result.output
-    assert result.output.startswith("Error: ") and "sha256 differs" in result.output and "Traceback" not in result.output
+    assert result.output.startswith("Error: ") and "sha256 differs" in result.output
+    assert "Traceback" not in result.output
     assert not (tmp_path / "e").exists()
 
 
@@ -321,3 +322,23 @@ def test_manifest_naming_a_file_outside_its_directory_is_refused(small_export, t
     with pytest.raises(ManifestError, match="'../outside': not a plain file name"):
         read_manifest(src)
     assert os.path.exists(tmp_path / "outside")
+
+
+def test_main_job_verifies_a_reused_source_and_not_a_fresh_one(small_checkpoint, tmp_path, monkeypatch):
+    out, real, seen = tmp_path / "b", lowering.lower_dir, []
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs.get("verify"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(lowering, "lower_dir", recording)
+    args = ["--model", str(small_checkpoint), "--precision", "fp16", "--target", "onnxruntime", "--max-seq-len", "16",
+            "--max-batch", "1", "--out", str(out), "--quiet"]  # fmt: skip
+    first = CliRunner().invoke(main, args)
+    assert first.exit_code == 0, first.output
+    assert seen == [False]  # OUT/fp16 was written by this run: not hashed a second time
+    flip_byte(out / "fp16" / DATA, 3)
+    shutil.rmtree(out / "onnxruntime")  # rebuilt next run, from the reused (now altered) OUT/fp16
+    second = CliRunner().invoke(main, args)
+    assert seen == [False, True]
+    assert second.exit_code == 1 and "sha256 differs" in second.output and "Traceback" not in second.output
