@@ -93,7 +93,7 @@ def _shard_files(directory: Path) -> list[Path]:
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
             names = sorted({str(n) for n in weight_map.values()})
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
             raise CheckpointError(f"{index} is not a valid safetensors index (needs 'weight_map'): {exc!r}") from None
         outside = [n for n in names if Path(n).name != n]
         if outside:
@@ -132,6 +132,9 @@ def read_header(path: Path) -> list[TensorRef]:
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise CheckpointError(f"{path} has a corrupt safetensors header: {exc}") from None
+        except RecursionError:  # arrays nested deeper than Python's parser recurses: never a real header
+            raise CheckpointError(f"{path} has a corrupt safetensors header: JSON nested too deeply; "
+                                  "a safetensors header is one flat object of tensor entries") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path} has a corrupt safetensors header: a JSON {type(header).__name__}, not an object")
     base = 8 + n

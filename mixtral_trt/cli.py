@@ -17,11 +17,13 @@ MODEL_HELP = "Checkpoint directory (Hugging Face layout, safetensors), or 'tiny'
 _USER_ERRORS = {
     "mixtral_trt.config": ("ConfigError",),
     "mixtral_trt.manifest": ("ManifestError",),
+    "mixtral_trt.onnx_files": ("ExternalDataError",),
     "mixtral_trt.pipeline": ("PipelineError",),
     "mixtral_trt.export.checkpoint": ("CheckpointError",),
     "mixtral_trt.export.onnx_export": ("ExportError",),
     "mixtral_trt.optimize.precision": ("PrecisionError",),
     "mixtral_trt.optimize.engine": ("EngineBuildError",),
+    "mixtral_trt.optimize.lowering": ("LoweringError",),
     "mixtral_trt.optimize.trt_lowering": ("LoweringError",),
     "mixtral_trt.plugins.moe_plugin": ("PluginFieldError", "PluginShapeError"),
     "mixtral_trt.runtime.generator": ("GenerationError",),
@@ -193,9 +195,11 @@ def export(model, out_dir, max_batch, max_seq_len, quiet):  # fmt: skip
 @click.option("--int8-lm-head", is_flag=True, help="With --precision int8: quantise the LM head too.")
 @click.option("--int8-router", is_flag=True, help="With --precision int8: quantise the MoE router too.")
 @click.option("--fp16-attention", is_flag=True, help="With --precision int8: keep the attention projections fp16.")
+@click.option("--no-verify", is_flag=True, help="Skip re-hashing SRC_DIR's files against its manifest.")
 @click.option("--quiet", is_flag=True, help="No progress output.")
 @_user_errors
-def optimize(src_dir, out_dir, precision, target, moe, int8_lm_head, int8_router, fp16_attention, quiet):  # fmt: skip
+def optimize(src_dir, out_dir, precision, target, moe, int8_lm_head, int8_router, fp16_attention, no_verify,
+             quiet):  # fmt: skip
     """Apply a precision to an export directory and lower it for a target runtime.
 
     Weights are rewritten once (streamed, one tensor chunk at a time) into the new precision;
@@ -213,7 +217,7 @@ def optimize(src_dir, out_dir, precision, target, moe, int8_lm_head, int8_router
 
     check_output_dir(out_dir, "optimize")
     options = dict(int8_lm_head=int8_lm_head, int8_router=int8_router, int8_attention=not fp16_attention,
-                   progress=not quiet)  # fmt: skip
+                   progress=not quiet, verify=not no_verify)  # fmt: skip
     if target == "canonical":
         path = convert(src_dir, out_dir, precision, **options)
     else:
@@ -221,7 +225,8 @@ def optimize(src_dir, out_dir, precision, target, moe, int8_lm_head, int8_router
         staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.precision-", dir=out_dir.parent))
         try:
             converted = convert(src_dir, staging / "canonical", precision, **options)
-            path = lower_dir(converted, out_dir, target="onnxruntime", moe=moe)
+            # converted was written (and hashed) just now by this process: no second pass over the weights
+            path = lower_dir(converted, out_dir, target="onnxruntime", moe=moe, verify=False)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     click.echo(f"{target} {precision} model: {path / 'model.onnx'}")
@@ -239,9 +244,11 @@ def optimize(src_dir, out_dir, precision, target, moe, int8_lm_head, int8_router
 @click.option("--cache-update", type=click.Choice(["inplace", "copy"]), default="inplace", show_default=True,
               help="inplace: present.* aliases past_key_values.* (our runtimes); copy: a new present tensor "
                    "each step, for Triton's TensorRT backend.")
+@click.option("--no-verify", is_flag=True, help="Skip re-hashing SRC_DIR's files against its manifest.")
 @click.option("--quiet", is_flag=True, help="No progress output.")
 @_user_errors
-def engine(src_dir, out_dir, target, sms, max_batch, max_seq_len, timing_cache, cache_update, quiet):  # fmt: skip
+def engine(src_dir, out_dir, target, sms, max_batch, max_seq_len, timing_cache, cache_update, no_verify,
+           quiet):  # fmt: skip
     """Build a TensorRT or TensorRT-RTX plan from an export or a canonical-precision directory.
 
     MoETop2 becomes the MixtralMoETop2 plugin (namespace mixtral, version 1); the plan and a
@@ -257,7 +264,7 @@ def engine(src_dir, out_dir, target, sms, max_batch, max_seq_len, timing_cache, 
         )
     path = build(src_dir, out_dir, target=target, sms=list(sms) or None, max_batch=max_batch,
                  max_seq_len=max_seq_len, timing_cache=timing_cache, cache_update=cache_update,
-                 progress=not quiet)  # fmt: skip
+                 progress=not quiet, verify=not no_verify)  # fmt: skip
     click.echo(f"{target} engine: {path / 'model.plan'}")
 
 

@@ -60,6 +60,7 @@ class MixtralConfig:
     def from_hf(cls, raw: dict[str, Any], source: str = "config.json") -> MixtralConfig:
         """Build from a Hugging Face ``config.json`` dictionary, refusing what we do not support."""
         _check_architecture(raw, source)
+        _check_aliases(raw, source)
         get = _Getter(raw, source)
         hidden = get.int("hidden_size")
         heads = get.int("num_attention_heads")
@@ -87,7 +88,7 @@ class MixtralConfig:
             num_attention_heads=heads,
             num_key_value_heads=get.int("num_key_value_heads", default=heads),
             head_dim=_as_int(head_dim, "head_dim", source),
-            num_local_experts=get.int("num_local_experts"),
+            num_local_experts=get.int(_experts_field(raw)),
             num_experts_per_tok=get.int("num_experts_per_tok"),
             rms_norm_eps=get.float("rms_norm_eps"),
             rope_theta=_rope_theta(raw, source),
@@ -133,11 +134,60 @@ def load_config(model_dir: str | Path) -> MixtralConfig:
         raise ConfigError(f"{path} not found: a Hugging Face Mixtral checkpoint directory has a config.json")
     try:
         raw = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise ConfigError(f"{path} is not valid JSON: {exc}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path} must hold a JSON object, found {type(raw).__name__}")
-    return MixtralConfig.from_hf(raw, source=str(path))
+    return MixtralConfig.from_hf(_with_generation_config(raw, path), source=str(path))
+
+
+def _with_generation_config(raw: dict[str, Any], path: Path) -> dict[str, Any]:
+    """config.json with the bos/eos ids of generation_config.json (which transformers' generate
+    uses) filled in; the two files naming different ids is refused, not resolved."""
+    gen_path = path.with_name("generation_config.json")
+    if not gen_path.is_file():
+        return raw
+    try:
+        gen = json.loads(gen_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise ConfigError(f"{gen_path} is not valid JSON: {exc}") from None
+    if not isinstance(gen, dict):
+        raise ConfigError(f"{gen_path} must hold a JSON object, found {type(gen).__name__}")
+    merged = dict(raw)
+    for name in ("bos_token_id", "eos_token_id"):
+        ours, theirs = raw.get(name), gen.get(name)
+        if theirs is None:
+            continue
+        if ours is not None and _token_ids(ours) != _token_ids(theirs):
+            raise ConfigError(
+                f"{path} has {name}={ours!r} but {gen_path} has {name}={theirs!r}; transformers generates with the "
+                f"second, the config describes the first. Make the two files agree"
+            )
+        merged[name] = theirs
+    return merged
+
+
+def _token_ids(value: Any) -> list:
+    return list(dict.fromkeys(value)) if isinstance(value, list) else [value]
+
+
+# Fields a config.json may spell two ways; transformers 5 reads the second of each pair first.
+_ALIASES = (("num_local_experts", "num_experts"), ("torch_dtype", "dtype"))
+
+
+def _experts_field(raw: dict[str, Any]) -> str:
+    """``num_experts`` (transformers' alias) when it alone is given."""
+    alone = raw.get("num_local_experts") is None and raw.get("num_experts") is not None
+    return "num_experts" if alone else "num_local_experts"
+
+
+def _check_aliases(raw: dict[str, Any], source: str) -> None:
+    for ours, other in _ALIASES:
+        if raw.get(ours) is not None and raw.get(other) is not None and raw[ours] != raw[other]:
+            raise ConfigError(
+                f"{source}: {ours}={raw[ours]!r} and {other}={raw[other]!r} name the same setting with different "
+                f"values (transformers reads {other}); remove one or make them equal"
+            )
 
 
 class _Getter:
@@ -168,8 +218,14 @@ def _as_int(value: Any, name: str, source: str) -> int:
 
 
 def _optional_token(value: Any, name: str, source: str) -> int | None:
-    if isinstance(value, list):  # some configs list several EOS ids; the first is the primary one
-        value = value[0] if value else None
+    if isinstance(value, list):
+        ids = list(dict.fromkeys(value))
+        if len(ids) > 1:  # transformers stops on any listed id; our runtimes stop on one
+            raise ConfigError(
+                f"{source}: {name}={value!r} lists {len(ids)} different ids; mixtral-trt takes one. Set {name} to "
+                f"the single id to use (in config.json and generation_config.json)"
+            )
+        value = ids[0] if ids else None
     return None if value is None else _as_int(value, name, source)
 
 
@@ -187,15 +243,40 @@ def _check_architecture(raw: dict[str, Any], source: str) -> None:
         raise ConfigError(f"{source}: unsupported model_type={model_type!r}; expected 'mixtral'")
 
 
+def _rope_params(raw: dict[str, Any], source: str) -> dict[str, Any]:
+    """The RoPE settings from ``rope_scaling`` and/or ``rope_parameters`` (transformers 5 reads the first
+    when both are given); two objects that disagree on any setting are refused."""
+    found = {}
+    for key in ("rope_scaling", "rope_parameters"):
+        params = raw.get(key) or {}
+        if not isinstance(params, dict):
+            raise ConfigError(f"{source}: field {key!r} must be an object with a 'rope_type', found {params!r}")
+        params = dict(params)
+        if "type" in params:
+            params.setdefault("rope_type", params.pop("type"))
+        found[key] = params
+    a, b = found["rope_scaling"], found["rope_parameters"]
+    for name in sorted(set(a) & set(b)):
+        if a[name] != b[name]:
+            raise ConfigError(
+                f"{source}: rope_scaling.{name}={a[name]!r} but rope_parameters.{name}={b[name]!r}; transformers "
+                "reads rope_scaling. Keep one of the two objects, or make them agree"
+            )
+    return {**b, **a}
+
+
 def _rope_theta(raw: dict[str, Any], source: str) -> float:
-    key = "rope_parameters" if raw.get("rope_parameters") else "rope_scaling"
-    params = raw.get(key) or {}
-    if not isinstance(params, dict):
-        raise ConfigError(f"{source}: field {key!r} must be an object with a 'rope_type', found {params!r}")
-    rope_type = params.get("rope_type", params.get("type", "default"))
+    params = _rope_params(raw, source)
+    rope_type = params.get("rope_type", "default")
     if rope_type != "default":
         raise ConfigError(f"{source}: rope_type={rope_type!r} is not supported; expected 'default' (plain RoPE)")
-    theta = raw.get("rope_theta", params.get("rope_theta"))
+    top, inner = raw.get("rope_theta"), params.get("rope_theta")
+    if top is not None and inner is not None and top != inner:
+        raise ConfigError(
+            f"{source}: rope_theta={top!r} but the RoPE object gives rope_theta={inner!r}; transformers uses the "
+            "second, so the two would give different position encodings. Remove one or make them equal"
+        )
+    theta = inner if inner is not None else top
     if theta is None:
         raise ConfigError(f"{source}: required field 'rope_theta' is missing (Mixtral uses 1000000.0)")
     if isinstance(theta, bool) or not isinstance(theta, (int, float)) or theta <= 0:

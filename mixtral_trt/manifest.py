@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
 from pathlib import Path
 from typing import Any
@@ -70,7 +71,7 @@ def read_manifest(directory: Path, stage: str | tuple[str, ...] | None = None, v
         raise ManifestError(f"{directory} has no {MANIFEST}: it is not a mixtral-trt artifact directory")
     try:
         manifest = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise ManifestError(f"{path} is not valid JSON: {exc}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ManifestError(f"{path} is not a {FORMAT} manifest (format={manifest.get('format')!r})")
@@ -88,11 +89,17 @@ def read_manifest(directory: Path, stage: str | tuple[str, ...] | None = None, v
 
 
 def verify_files(directory: Path, manifest: dict) -> None:
-    """Check every listed file exists with the recorded size and sha256."""
+    """Check every listed file is a regular file of the directory (not a link: a link could be
+    repointed after hashing) with the recorded size and sha256."""
     problems = []
     for name, entry in manifest.get("files", {}).items():
         path = directory / name
-        if not path.is_file():
+        if not isinstance(name, str) or Path(name).name != name or name in (".", ".."):
+            problems.append(f"{name!r}: not a plain file name in the directory (manifest corrupt or crafted)")
+        elif path.is_symlink():
+            problems.append(f"{name}: a symbolic link to {os.readlink(path)}; artifact files must be regular "
+                            "files (replace the link with the file, or re-run the stage)")  # fmt: skip
+        elif not path.is_file():
             problems.append(f"{name}: missing")
         elif path.stat().st_size != entry["bytes"]:
             problems.append(f"{name}: {path.stat().st_size} bytes, manifest says {entry['bytes']}")

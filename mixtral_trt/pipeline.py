@@ -96,18 +96,26 @@ def run(plan: Plan, say: Callable[[str], None] | None = None, progress: bool = T
     say(f"target: {target} ({why}); precision: {plan.precision}; output: {plan.out}")
     record = _Record(plan.out)
     results: list[StageResult] = []
-    stages = _stages(plan, target, ort_precision)
+    fresh: set[Path] = set()  # directories this run wrote (and hashed while writing)
+    stages = _stages(plan, target, ort_precision, fresh)
     for n, (name, make, inputs) in enumerate(stages, 1):
         say(f"[{n}/{len(stages)}] {name}")
         results.append(record.stage(name, make, inputs(), progress))
+        if not results[-1].reused:
+            fresh.add(results[-1].path.resolve())
         say(f"      {'reused' if results[-1].reused else 'done'}: {results[-1].path} ({results[-1].seconds:.1f} s)")
     return results
 
 
-def _stages(plan: Plan, target: str, ort_precision: str):
+def _stages(plan: Plan, target: str, ort_precision: str, fresh: set[Path]):
     out = plan.out
     export_dir, precise_dir = out / "export", out / plan.precision
     ort_dir = out / "onnxruntime"
+
+    def verify(source: Path) -> bool:
+        # A source this run just wrote was hashed while it was written; re-hashing it would be a
+        # second pass over every weight (93 GB for Mixtral-8x7B). A reused one is verified.
+        return source.resolve() not in fresh
 
     def export_stage(progress):
         from mixtral_trt.export.onnx_export import export
@@ -119,20 +127,22 @@ def _stages(plan: Plan, target: str, ort_precision: str):
             from mixtral_trt.optimize.precision import convert
 
             return convert(export_dir, dst, precision, int8_lm_head=plan.int8_lm_head, int8_router=plan.int8_router,
-                           int8_attention=plan.int8_attention, progress=progress)  # fmt: skip
+                           int8_attention=plan.int8_attention, progress=progress,
+                           verify=verify(export_dir))  # fmt: skip
 
         return make
 
     def ort_stage(progress):
         from mixtral_trt.optimize.lowering import lower_dir
 
-        return lower_dir(out / ort_precision, ort_dir, target="onnxruntime")
+        return lower_dir(out / ort_precision, ort_dir, target="onnxruntime", verify=verify(out / ort_precision))
 
     def engine_stage(progress):
         from mixtral_trt.optimize.engine import build
 
         return build(precise_dir, out / "engine", target=target, sms=list(plan.sms) or None,
-                     max_batch=plan.max_batch, max_seq_len=plan.max_seq_len, progress=progress)  # fmt: skip
+                     max_batch=plan.max_batch, max_seq_len=plan.max_seq_len, progress=progress,
+                     verify=verify(precise_dir))  # fmt: skip
 
     options = {"precision": plan.precision, "int8_lm_head": plan.int8_lm_head, "int8_router": plan.int8_router,
                "int8_attention": plan.int8_attention}  # fmt: skip

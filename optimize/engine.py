@@ -1,6 +1,7 @@
 """Engine stage: a canonical (or precision-converted) ONNX directory → ``model.plan`` + manifest.
 
-Steps: read the source manifest; load the graph without its weights; lower it for TensorRT
+Steps: read the source manifest and re-hash its files; check the graph's external-data
+locations (:mod:`mixtral_trt.onnx_files`); load the graph without its weights; lower it for TensorRT
 (:mod:`.trt_lowering`: MoETop2 → ``MixtralMoETop2`` plugin node, cache length pinned); register
 the Python plugin creator; parse with TensorRT's ONNX parser (weights come from the source
 directory's external data); mark attention layers decomposable; add two optimization profiles
@@ -26,6 +27,7 @@ from pathlib import Path
 
 from mixtral_trt.fsutil import atomic_dir, atomic_write_bytes
 from mixtral_trt.manifest import check_output_dir, read_manifest, tool_versions, write_manifest
+from mixtral_trt.onnx_files import check_external_data
 
 from . import trt_compat
 from .trt_lowering import count_plugin_nodes, lower_for_tensorrt
@@ -67,8 +69,10 @@ class ParsedNetwork:
 # Source, limits, targets
 
 
-def _source(src_dir: Path) -> tuple[dict, Path]:
-    manifest = read_manifest(src_dir, SOURCE_STAGES, verify=False)
+def _source(src_dir: Path, verify: bool = True) -> tuple[dict, Path]:
+    """The source manifest (every file re-hashed when ``verify``: a plan built from altered weights
+    would carry a manifest of its own that verifies clean) and its graph, checked before TensorRT reads it."""
+    manifest = read_manifest(src_dir, SOURCE_STAGES, verify=verify)
     if manifest["stage"] == "optimize":
         target = manifest.get("optimize", {}).get("target")
         if target != "canonical":
@@ -80,6 +84,7 @@ def _source(src_dir: Path) -> tuple[dict, Path]:
     model = src_dir / info.get("model_file", "model.onnx")
     if not model.is_file():
         raise EngineBuildError(f"{model} is missing (named by {src_dir}/manifest.json)")
+    check_external_data(model)
     return manifest, model
 
 
@@ -143,10 +148,11 @@ def _current_gpu_sms() -> list[str]:
 
 
 def parse(src_dir: str | Path, *, target: str | None = None, max_seq_len: int | None = None,
-          max_batch: int | None = None, cache_update: str = "inplace") -> ParsedNetwork:  # fmt: skip
-    """Lower ``src_dir``'s graph and parse it into a TensorRT network (no build)."""
+          max_batch: int | None = None, cache_update: str = "inplace",
+          verify: bool = True) -> ParsedNetwork:  # fmt: skip
+    """Lower ``src_dir``'s graph and parse it into a TensorRT network (no build); ``verify`` as in :func:`build`."""
     src_dir = Path(src_dir)
-    manifest, model_path = _source(src_dir)
+    manifest, model_path = _source(src_dir, verify)
     _, seq = _limits(manifest, max_batch, max_seq_len)
     trt = trt_compat.load(target)
     return _parse(trt, manifest, model_path, seq, cache_update)
@@ -335,6 +341,7 @@ def build(
     timing_cache: str | Path | None = None,
     cache_update: str = "inplace",
     progress: bool = True,
+    verify: bool = True,
 ) -> Path:
     """Build ``out_dir/model.plan`` (+ tokenizer files, manifest.json) from an export or canonical
     optimize directory. ``out_dir`` appears whole or not at all; a previous engine there is replaced.
@@ -347,10 +354,12 @@ def build(
     ``cache_update``: 'inplace' (TensorRT's KV-cache-update layer: ``present.*`` aliases
     ``past_key_values.*``, as our runtimes bind them) or 'copy' (``present.*`` is a new tensor,
     for servers that give every output its own buffer, such as Triton's TensorRT backend).
+    ``verify``: re-hash every source file against its manifest first (``False`` skips only that;
+    the graph's external-data locations are always checked).
     """
     started = time.perf_counter()
     src_dir, out_dir = Path(src_dir), Path(out_dir)
-    manifest, model_path = _source(src_dir)
+    manifest, model_path = _source(src_dir, verify)
     batch, seq = _limits(manifest, max_batch, max_seq_len)
     check_output_dir(out_dir, "engine", EngineBuildError)
     try:

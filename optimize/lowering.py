@@ -21,8 +21,15 @@ from onnx import TensorProto, helper
 from mixtral_trt.export import moe_schema as moe_op
 from mixtral_trt.fsutil import atomic_dir
 from mixtral_trt.manifest import MANIFEST, ManifestError, check_output_dir, read_manifest, sha256_file, write_manifest
+from mixtral_trt.onnx_files import check_external_data
 
 MOE_LOWERINGS = ("contrib", "decomposed")
+MOE_ACTIVATIONS = ("swiglu",)
+MOE_QUANTIZATIONS = ("none", "int8")
+
+
+class LoweringError(ValueError):
+    """The graph cannot be lowered for ONNX Runtime (a MoETop2 node whose attributes or inputs disagree)."""
 
 
 class _Nodes:
@@ -149,30 +156,66 @@ def lower_moe_decomposed(node: onnx.NodeProto, types: dict[str, int] | None = No
     return b.nodes
 
 
-def _value_types(model: onnx.ModelProto) -> dict[str, int]:
-    """Element type of every value (initializers, graph inputs, the rest by onnx shape inference)."""
+def _value_info(model: onnx.ModelProto) -> tuple[dict[str, int], dict[str, list]]:
+    """Element type and dims (int, or None where symbolic) of every value: initializers, graph
+    inputs, the rest by onnx shape inference."""
     g = onnx.shape_inference.infer_shapes(model).graph
-    types = {v.name: v.type.tensor_type.elem_type for v in (*g.value_info, *g.input, *g.output)}
+    values = (*g.value_info, *g.input, *g.output)
+    types = {v.name: v.type.tensor_type.elem_type for v in values}
     types.update({i.name: i.data_type for i in g.initializer})
-    return {name: t for name, t in types.items() if t}
+    shapes = {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
+              for v in values if v.type.tensor_type.HasField("shape")}  # fmt: skip
+    shapes.update({i.name: list(i.dims) for i in g.initializer})
+    return {name: t for name, t in types.items() if t}, shapes
+
+
+def check_moe_node(node: onnx.NodeProto, shapes: dict[str, list]) -> None:
+    """Refuse a MoETop2 node ONNX Runtime would run differently from its definition: the same
+    rules as the TensorRT plugin's fields (activation, quantization and its scale inputs,
+    top_k <= num_experts) and num_experts equal to the router's rows and the experts' leading dim."""
+    where, a = node.name or node.output[0], _attrs(node)
+    E, k = a.get("num_experts"), a.get("top_k", 2)
+    if not isinstance(E, int) or E <= 0:
+        raise LoweringError(f"{where}: MoETop2 num_experts={E!r}; expected an integer > 0 (the experts' count)")
+    if not isinstance(k, int) or not 1 <= k <= E:
+        raise LoweringError(f"{where}: MoETop2 top_k={k!r}; expected an integer 1..num_experts={E}")
+    if a.get("activation", "swiglu") not in MOE_ACTIVATIONS:
+        raise LoweringError(f"{where}: MoETop2 activation={a['activation']!r}; only {list(MOE_ACTIVATIONS)} is "
+                            "defined (silu(w1 x) * w3 x)")  # fmt: skip
+    quantization = a.get("quantization", "none")
+    if quantization not in MOE_QUANTIZATIONS:
+        raise LoweringError(f"{where}: MoETop2 quantization={quantization!r} has no ONNX Runtime lowering; "
+                            f"expected one of {list(MOE_QUANTIZATIONS)}")  # fmt: skip
+    inputs = list(node.input)
+    while inputs and not inputs[-1]:
+        inputs.pop()
+    need = 6 if quantization == "int8" else 4
+    if len(inputs) != need or not all(inputs):
+        names = "hidden, router, w13, w2" + (", w13_scale, w2_scale" if need == 6 else "")
+        raise LoweringError(f"{where}: MoETop2 with quantization={quantization!r} takes {need} inputs ({names}); "
+                            f"the node has {inputs}")  # fmt: skip
+    for name, what in zip(inputs[1:], ("router rows", "w13 experts", "w2 experts", "w13_scale experts",
+                                       "w2_scale experts")):  # fmt: skip
+        lead = (shapes.get(name) or [None])[0]
+        if lead is not None and lead != E:
+            raise LoweringError(f"{where}: MoETop2 num_experts={E} but input {name!r} has {lead} {what} "
+                                f"(shape {shapes[name]}); the attribute and the weights must agree")  # fmt: skip
 
 
 def lower_for_onnxruntime(model: onnx.ModelProto, moe: str = "contrib") -> onnx.ModelProto:
     """Return a copy of ``model`` with every MoETop2 replaced; other nodes untouched."""
     if moe not in MOE_LOWERINGS:
-        raise ValueError(f"moe lowering {moe!r} is not one of {MOE_LOWERINGS}")
+        raise LoweringError(f"moe lowering {moe!r} is not one of {MOE_LOWERINGS}")
     rewrite = lower_moe_contrib if moe == "contrib" else lower_moe_decomposed
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    types = None
+    info = None
     nodes = []
     for node in out.graph.node:
         if node.domain == moe_op.MOE_DOMAIN and node.op_type == moe_op.MOE_OP:
-            quantization = _attrs(node).get("quantization", "none")
-            if quantization not in ("none", "int8"):
-                raise ValueError(f"{node.name}: MoETop2 quantization {quantization!r} has no ONNX Runtime lowering")
-            types = _value_types(model) if types is None else types
-            nodes.extend(rewrite(node, types))
+            info = _value_info(model) if info is None else info
+            check_moe_node(node, info[1])
+            nodes.extend(rewrite(node, info[0]))
         else:
             nodes.append(node)
     del out.graph.node[:]
@@ -184,13 +227,15 @@ def lower_for_onnxruntime(model: onnx.ModelProto, moe: str = "contrib") -> onnx.
     return out
 
 
-def lower_dir(src_dir: str | Path, out_dir: str | Path, target: str = "onnxruntime", moe: str = "contrib") -> Path:
+def lower_dir(src_dir: str | Path, out_dir: str | Path, target: str = "onnxruntime", moe: str = "contrib",
+              verify: bool = True) -> Path:  # fmt: skip
     """Write an ONNX Runtime model for an export or a canonical precision output ('optimize' stage,
-    target 'canonical'); the data file is hard-linked, not copied."""
+    target 'canonical'); the data file is hard-linked, not copied. ``verify`` re-hashes the source's
+    files first: their hashes are carried into the new manifest, which must not vouch for altered files."""
     if target != "onnxruntime":
-        raise ValueError(f"target {target!r}: lower_dir lowers for 'onnxruntime' only")
+        raise LoweringError(f"target {target!r}: lower_dir lowers for 'onnxruntime' only")
     src_dir, out_dir = Path(src_dir), Path(out_dir)
-    manifest = read_manifest(src_dir, ("export", "optimize"), verify=False)
+    manifest = read_manifest(src_dir, ("export", "optimize"), verify=verify)
     previous = manifest.get("optimize", {})
     if manifest["stage"] == "optimize" and previous.get("target") != "canonical":
         raise ManifestError(
@@ -200,6 +245,7 @@ def lower_dir(src_dir: str | Path, out_dir: str | Path, target: str = "onnxrunti
     check_output_dir(out_dir, "optimize")
     info = manifest["export"]
     model = onnx.load(str(src_dir / info["model_file"]), load_external_data=False)
+    check_external_data(src_dir / info["model_file"], model)
     lowered = lower_for_onnxruntime(model, moe)
     with atomic_dir(out_dir) as tmp:
         (tmp / info["model_file"]).write_bytes(lowered.SerializeToString())

@@ -44,6 +44,7 @@ from mixtral_trt.export import moe_schema as moe_op
 from mixtral_trt.export.onnx_export import DataWriter
 from mixtral_trt.export.stitch import Initializer
 from mixtral_trt.fsutil import atomic_dir
+from mixtral_trt.onnx_files import check_external_data
 from mixtral_trt.manifest import (
     MANIFEST,
     ManifestError,
@@ -98,11 +99,13 @@ def convert(
     int8_router: bool = False,
     int8_attention: bool = True,
     progress: bool = True,
+    verify: bool = True,
 ) -> Path:
     """Write ``out_dir`` (model.onnx, a new model.onnx.data, tokenizer files, manifest.json) from an export.
 
     ``out_dir`` appears whole or not at all; a previous optimize output there is replaced,
-    anything else is refused.
+    anything else is refused. ``verify``: check every source file against the export's manifest
+    (the data file is hashed while it is read, at no extra cost); ``False`` skips only that.
     """
     if precision not in PRECISIONS:
         raise PrecisionError(f"precision {precision!r} is not one of {PRECISIONS}")
@@ -119,8 +122,11 @@ def convert(
         raise PrecisionError(f"output directory {out_dir} is the export directory itself; choose another path")
     check_output_dir(out_dir, "optimize")
     small = {n: e for n, e in manifest["files"].items() if n != info["data_file"]}
-    verify_files(src_dir, {"files": small})
+    if verify:  # the data file is checked as it is read (one pass over the weights)
+        verify_files(src_dir, {"files": small})
     model = onnx.load(str(src_dir / info["model_file"]), load_external_data=False)
+    check_external_data(src_dir / info["model_file"], model)  # also refuses a data file that is a link
+    _check_one_data_file(model.graph, info["data_file"], src_dir)
     jobs = _plan(model.graph, precision, int8_lm_head, int8_router, int8_attention)
     act = ACTIVATION[precision]
 
@@ -129,7 +135,7 @@ def convert(
         try:
             with _Source(src_dir / info["data_file"]) as source:
                 written = _write_tensors(jobs, source, writer, progress, precision)
-                if source.finish() != manifest["files"][info["data_file"]]["sha256"]:
+                if source.finish() != manifest["files"][info["data_file"]]["sha256"] and verify:
                     raise ManifestError(
                         f"{src_dir / info['data_file']}: sha256 differs from {src_dir / MANIFEST} (file modified or "
                         "corrupt); re-run the export"
@@ -151,6 +157,15 @@ def convert(
         hashes = {n: e["sha256"] for n, e in small.items() if n != info["model_file"]}
         write_manifest(tmp, "optimize", body, {**hashes, info["data_file"]: data_sha})
     return out_dir
+
+
+def _check_one_data_file(graph: onnx.GraphProto, data_file: str, src_dir: Path) -> None:
+    """The weights are streamed from the manifest's data file, so the graph must locate them all there."""
+    elsewhere = sorted({_external(i).get("location", "") for i in graph.initializer
+                        if i.data_location == TensorProto.EXTERNAL} - {data_file})  # fmt: skip
+    if elsewhere:
+        raise PrecisionError(f"{src_dir / MANIFEST} names the data file {data_file!r}, but the graph also locates "
+                             f"initializers in {elsewhere}; re-run the export")  # fmt: skip
 
 
 # --- weights -------------------------------------------------------------------------------------

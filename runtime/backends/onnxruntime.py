@@ -104,16 +104,22 @@ def _model_bytes(build_dir: Path, manifest: dict, options) -> bytes | str:
     """The ONNX Runtime model: an 'onnxruntime'-target model as is; an export or a canonical
     precision output ('optimize' stage, target 'canonical') lowered in memory."""
     target = manifest.get("optimize", {}).get("target") if manifest["stage"] == "optimize" else None
-    if target == "onnxruntime":
-        return str(build_dir / manifest["export"]["model_file"])
-    if manifest["stage"] == "optimize" and target != "canonical":
+    if manifest["stage"] == "optimize" and target not in ("canonical", "onnxruntime"):
         raise GenerationError(f"{build_dir} is an optimize output for target {target!r}; ONNX Runtime loads "
                               "exports and optimize outputs of target 'canonical' or 'onnxruntime'")  # fmt: skip
     import onnx
 
-    from mixtral_trt.optimize.lowering import lower_for_onnxruntime
+    from mixtral_trt.onnx_files import ExternalDataError, check_external_data
+    from mixtral_trt.optimize.lowering import LoweringError, lower_for_onnxruntime
 
-    model = onnx.load(str(build_dir / manifest["export"]["model_file"]), load_external_data=False)
-    # The lowered graph references the export's data file; tell ORT where it lies.
-    options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(build_dir))
-    return lower_for_onnxruntime(model).SerializeToString()
+    path = build_dir / manifest["export"]["model_file"]
+    model = onnx.load(str(path), load_external_data=False)
+    try:
+        check_external_data(path, model)  # before ONNX Runtime follows any location
+        if target == "onnxruntime":
+            return str(path)
+        # The lowered graph references the export's data file; tell ORT where it lies.
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(build_dir))
+        return lower_for_onnxruntime(model).SerializeToString()
+    except (ExternalDataError, LoweringError) as exc:
+        raise GenerationError(str(exc)) from None
