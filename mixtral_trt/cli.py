@@ -4,6 +4,7 @@ so ``--help`` and argument errors work even where torch or TensorRT are missing.
 from __future__ import annotations
 
 import functools
+import re
 import sys
 from pathlib import Path
 
@@ -282,10 +283,11 @@ def inspect(artifact_dir, verify, as_json):
 def _parse_ids(ctx, param, values):
     out = []
     for value in values:
-        try:
-            out.append([int(x) for x in value.replace(" ", "").split(",") if x != ""])
-        except ValueError:
-            raise click.BadParameter(f"{value!r} is not a comma-separated list of integers, e.g. 1,415,2936") from None
+        items = [x.strip() for x in value.split(",") if x.strip()]
+        # ASCII digits only: int() would also take '1_000' and non-ASCII digits such as '１'.
+        if not all(re.fullmatch(r"-?[0-9]+", x) for x in items):
+            raise click.BadParameter(f"{value!r} is not a comma-separated list of integers, e.g. 1,415,2936")
+        out.append([int(x) for x in items])
     return out
 
 
