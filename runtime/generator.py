@@ -46,7 +46,8 @@ class Generator:
     def encode(self, prompts: Sequence[Prompt]) -> list[list[int]]:
         """Token ids of each prompt, validated against the build's vocab, batch and length limits."""
         if isinstance(prompts, (str, bytes, bytearray)) or not isinstance(prompts, Sequence):
-            raise GenerationError(f"prompts must be a list of strings or of token-id lists, not {type(prompts).__name__}")
+            kind = type(prompts).__name__
+            raise GenerationError(f"prompts must be a list of strings or of token-id lists, not {kind}")
         if not prompts:
             raise GenerationError("no prompts given")
         if len(prompts) > self.backend.max_batch:
@@ -165,8 +166,12 @@ def _text(n: int, prompt: str | bytes | bytearray) -> str:
         prompt.encode("utf-8")
     except UnicodeEncodeError as exc:
         code = ord(prompt[exc.start])
-        what = f"the invalid UTF-8 byte {code - 0xDC00:#04x}" if 0xDC80 <= code <= 0xDCFF else f"a lone surrogate U+{code:04X}"
-        raise GenerationError(f"prompt {n} holds {what} at character {exc.start}, not valid text; give UTF-8 text") from None
+        # U+DC80..U+DCFF: how Python's surrogateescape carries an undecodable byte of argv.
+        escaped = 0xDC80 <= code <= 0xDCFF
+        what = f"the invalid UTF-8 byte {code - 0xDC00:#04x}" if escaped else f"a lone surrogate U+{code:04X}"
+        raise GenerationError(
+            f"prompt {n} holds {what} at character {exc.start}, not valid text; give UTF-8 text"
+        ) from None
     return prompt
 
 

@@ -207,5 +207,6 @@ def test_truncated_data_file_without_verify(build, tmp_path, model, greedy):
                                                ("model.onnx", 100, "Error parsing message")])  # fmt: skip
 def test_file_onnxruntime_cannot_read(build, tmp_path, name, size, words):
     copy = _damaged_copy(build, tmp_path, name, size, record_size=True)
-    with pytest.raises(runtime.GenerationError, match=f"ONNX Runtime cannot load model.onnx / model.onnx.data .*{words}"):
+    match = f"ONNX Runtime cannot load model.onnx / model.onnx.data .*{words}"
+    with pytest.raises(runtime.GenerationError, match=match):
         runtime.load(copy, verify=False)
