@@ -302,7 +302,7 @@ def _parse_ids(ctx, param, values):
 @click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), help="Nucleus sampling mass.")
 @click.option("--top-k", type=click.IntRange(min=0), help="Sample among the K most likely tokens (0 = all).")
 @click.option("--repetition-penalty", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True)
-@click.option("--seed", type=int, help="Random seed: the same seed reproduces the same sample.")
+@click.option("--seed", type=int, help="Random seed (an integer >= 0): the same seed reproduces the same sample.")
 @click.option("--stop", "stop", multiple=True, help="Stop a sequence when its text contains this string (repeatable).")
 @click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per prompt instead of streaming text.")
