@@ -4,6 +4,7 @@ so ``--help`` and argument errors work even where torch or TensorRT are missing.
 from __future__ import annotations
 
 import functools
+import re
 import sys
 from pathlib import Path
 
@@ -289,10 +290,11 @@ def inspect(artifact_dir, verify, as_json):
 def _parse_ids(ctx, param, values):
     out = []
     for value in values:
-        try:
-            out.append([int(x) for x in value.replace(" ", "").split(",") if x != ""])
-        except ValueError:
-            raise click.BadParameter(f"{value!r} is not a comma-separated list of integers, e.g. 1,415,2936") from None
+        items = [x.strip() for x in value.split(",") if x.strip()]
+        # ASCII digits only: int() would also take '1_000' and non-ASCII digits such as '１'.
+        if not all(re.fullmatch(r"-?[0-9]+", x) for x in items):
+            raise click.BadParameter(f"{value!r} is not a comma-separated list of integers, e.g. 1,415,2936")
+        out.append([int(x) for x in items])
     return out
 
 
@@ -307,7 +309,7 @@ def _parse_ids(ctx, param, values):
 @click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), help="Nucleus sampling mass.")
 @click.option("--top-k", type=click.IntRange(min=0), help="Sample among the K most likely tokens (0 = all).")
 @click.option("--repetition-penalty", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True)
-@click.option("--seed", type=int, help="Random seed: the same seed reproduces the same sample.")
+@click.option("--seed", type=int, help="Random seed (an integer >= 0): the same seed reproduces the same sample.")
 @click.option("--stop", "stop", multiple=True, help="Stop a sequence when its text contains this string (repeatable).")
 @click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per prompt instead of streaming text.")

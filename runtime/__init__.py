@@ -10,6 +10,7 @@ Nothing heavy is imported until :func:`load` is called.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from .generator import GenerationError, Result
@@ -31,9 +32,15 @@ class Model:
         """Generate for a batch of prompts (strings or token-id lists). ``sampling``: fields of
         :class:`SamplingParams` (max_new_tokens, greedy, temperature, top_k, top_p,
         repetition_penalty, seed, stop). ``on_token(row, token_id, text_delta)`` streams."""
+        known = [f.name for f in dataclasses.fields(SamplingParams)]
+        unknown = sorted(set(sampling) - set(known))
+        if unknown:
+            raise GenerationError(f"unknown sampling option {unknown[0]!r}; the options are {', '.join(known)}")
+        if on_token is not None and not callable(on_token):
+            raise GenerationError(f"on_token={type(on_token).__name__} must be a function (row, token_id, text_delta)")
         try:
-            params = SamplingParams(**{k: tuple(v) if k == "stop" else v for k, v in sampling.items()})
-        except (TypeError, ValueError) as exc:
+            params = SamplingParams(**sampling)
+        except ValueError as exc:
             raise GenerationError(str(exc)) from None
         return self.generator.generate(prompts, params, on_token)
 
@@ -63,6 +70,8 @@ def load(build_dir: str | Path, backend: str = "onnxruntime", verify: bool = Tru
 
     build_dir = Path(build_dir)
     manifest = read_manifest(build_dir, ("export", "optimize", "engine"), verify=verify)
+    if not verify:
+        _check_sizes(build_dir, manifest)
     if backend == "onnxruntime":
         from .backends.onnxruntime import OnnxRuntimeBackend
 
@@ -80,3 +89,21 @@ def load(build_dir: str | Path, backend: str = "onnxruntime", verify: bool = Tru
     except TokenizerError:
         tokenizer = None
     return Model(impl, tokenizer, manifest)
+
+
+def _check_sizes(build_dir: Path, manifest: dict) -> None:
+    """Without hashing, still refuse a file that is missing or of another length than recorded (a
+    truncated copy or download), before a backend reads it and fails somewhere inside."""
+    for name, entry in manifest.get("files", {}).items():
+        path = build_dir / name
+        try:
+            size = path.stat().st_size
+        except OSError:
+            raise GenerationError(f"{path} is missing; re-run the stage that wrote {build_dir}") from None
+        expected = entry.get("bytes") if isinstance(entry, dict) else None
+        if isinstance(expected, int) and size != expected:
+            raise GenerationError(
+                f"{path} is {size} bytes but its manifest records {expected}: the file is damaged or "
+                f"incomplete; re-run the stage that wrote {build_dir} (without --no-verify / verify=False every "
+                "file's sha256 is checked)"
+            )

@@ -8,6 +8,7 @@ outputs are ignored) so the batch stays rectangular.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import time
 from collections.abc import Callable, Sequence
 
@@ -44,22 +45,24 @@ class Generator:
 
     def encode(self, prompts: Sequence[Prompt]) -> list[list[int]]:
         """Token ids of each prompt, validated against the build's vocab, batch and length limits."""
-        if isinstance(prompts, str) or not isinstance(prompts, Sequence):
-            raise GenerationError("prompts must be a list of strings or of token-id lists")
+        if isinstance(prompts, (str, bytes, bytearray)) or not isinstance(prompts, Sequence):
+            kind = type(prompts).__name__
+            raise GenerationError(f"prompts must be a list of strings or of token-id lists, not {kind}")
         if not prompts:
             raise GenerationError("no prompts given")
         if len(prompts) > self.backend.max_batch:
             raise GenerationError(f"batch of {len(prompts)} prompts exceeds the build's max_batch={self.backend.max_batch}")
         out = []
         for n, prompt in enumerate(prompts):
-            if isinstance(prompt, str):
+            if isinstance(prompt, (str, bytes, bytearray)):
                 if self.tokenizer is None:
                     raise GenerationError("text prompts need a tokenizer in the build directory; pass token ids")
-                if not prompt:
+                text = _text(n, prompt)
+                if not text:
                     raise GenerationError(f"prompt {n} is empty")
-                ids = self.tokenizer.encode(prompt)
+                ids = self.tokenizer.encode(text)
             else:
-                ids = [int(i) for i in prompt]
+                ids = _token_ids(n, prompt)
             if not ids:
                 raise GenerationError(f"prompt {n} is empty")
             bad = [i for i in ids if not 0 <= i < self.backend.vocab_size]
@@ -148,3 +151,39 @@ class _Run:
         steps = len(self.outputs[b]) - 1
         rate = float(steps / self.decode_time[b]) if steps and self.decode_time[b] > 0 else 0.0
         return Result(self.ids[b], self.outputs[b], text, self.reasons[b] or "length", prefill_ms, rate)
+
+
+def _text(n: int, prompt: str | bytes | bytearray) -> str:
+    """The prompt as valid Unicode: bytes must be UTF-8, a str must hold no lone surrogate (the
+    tokenizer cannot encode one; a command line turns undecodable bytes into such surrogates)."""
+    if not isinstance(prompt, str):
+        try:
+            return bytes(prompt).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise GenerationError(f"prompt {n} is not valid UTF-8: byte {exc.object[exc.start]:#04x} at offset "
+                                  f"{exc.start}; give text as str or UTF-8 bytes") from None  # fmt: skip
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        code = ord(prompt[exc.start])
+        # U+DC80..U+DCFF: how Python's surrogateescape carries an undecodable byte of argv.
+        escaped = 0xDC80 <= code <= 0xDCFF
+        what = f"the invalid UTF-8 byte {code - 0xDC00:#04x}" if escaped else f"a lone surrogate U+{code:04X}"
+        raise GenerationError(
+            f"prompt {n} holds {what} at character {exc.start}, not valid text; give UTF-8 text"
+        ) from None
+    return prompt
+
+
+def _token_ids(n: int, prompt) -> list[int]:
+    """A prompt of token ids as Python ints: integers only (numpy integers too; never floats, which
+    would be truncated, nor bools)."""
+    if isinstance(prompt, np.ndarray) and prompt.ndim == 1:
+        prompt = prompt.tolist()
+    if not isinstance(prompt, Sequence):
+        raise GenerationError(f"prompt {n} is a {type(prompt).__name__}; give a string or a list of token ids")
+    for pos, i in enumerate(prompt):
+        if isinstance(i, (bool, np.bool_)) or not isinstance(i, numbers.Integral):
+            shown = repr(i) if len(repr(i)) <= 40 else repr(i)[:37] + "..."
+            raise GenerationError(f"prompt {n} has {shown} at position {pos}, not an integer token id")
+    return [int(i) for i in prompt]

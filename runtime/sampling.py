@@ -4,13 +4,23 @@ penalty, all on the host in numpy (V = vocab, B = batch)."""
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 
 import numpy as np
+
+_FLOAT_MAX = np.finfo(np.float64).max
 
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
-    """How to choose tokens. ``temperature == 0`` (or ``greedy``) means argmax."""
+    """How to choose tokens. ``temperature == 0`` (or ``greedy``) means argmax.
+
+    Counts are integers (numpy integers too, never bools or floats), the other values finite
+    real numbers; ``seed`` is None or an integer >= 0; ``stop`` is one string or a list of
+    strings (a single string is one stop string, not its characters). Values are normalised to
+    Python ``int``/``float``/``tuple`` here, so everything past this point sees plain types.
+    """
 
     max_new_tokens: int = 32
     greedy: bool = False
@@ -22,22 +32,85 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens={self.max_new_tokens} must be >= 1")
-        if self.temperature < 0:
-            raise ValueError(f"temperature={self.temperature} must be >= 0 (0 means greedy)")
-        if self.top_k < 0:
-            raise ValueError(f"top_k={self.top_k} must be >= 0 (0 disables it)")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
-        if self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty={self.repetition_penalty} must be > 0 (1 disables it)")
-        if any(not s for s in self.stop):
-            raise ValueError("stop strings must not be empty")
+        fields = {
+            "max_new_tokens": _integer("max_new_tokens", self.max_new_tokens, 1),
+            "greedy": _flag("greedy", self.greedy),
+            "temperature": _real("temperature", self.temperature, lambda v: v >= 0, ">= 0 (0 means greedy)"),
+            "top_k": _integer("top_k", self.top_k, 0, "(0 disables it)"),
+            "top_p": _real("top_p", self.top_p, lambda v: 0 < v <= 1, "in (0, 1]"),
+            "repetition_penalty": _real("repetition_penalty", self.repetition_penalty, lambda v: v > 0,
+                                        "> 0 (1 disables it)"),  # fmt: skip
+            "seed": None if self.seed is None else _integer("seed", self.seed, 0, "or None"),
+            "stop": _stop_strings(self.stop),
+        }
+        for name, value in fields.items():
+            object.__setattr__(self, name, value)
 
     @property
     def is_greedy(self) -> bool:
         return self.greedy or self.temperature == 0
+
+
+def _show(value) -> str:
+    """A value for a message: its repr, cut short (a prompt-sized string must not flood the error)."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _integer(name: str, value, low: int, note: str = "") -> int:
+    # bool is an int subclass, but max_new_tokens=True is a mistake, not a count of 1.
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name}={_show(value)} must be an integer >= {low} {note}".rstrip())
+    if value < low:
+        raise ValueError(f"{name}={int(value)} must be >= {low} {note}".rstrip())
+    return int(value)
+
+
+def _real(name: str, value, ok, domain: str) -> float:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name}={_show(value)} must be a number {domain}")
+    try:
+        number = float(value)
+    except OverflowError:  # an int or Fraction beyond float's range
+        number = math.inf if value > 0 else -math.inf
+    if not math.isfinite(number):
+        raise ValueError(f"{name}={number} must be a finite number {domain}")
+    if not ok(number):
+        raise ValueError(f"{name}={number} must be {domain}")
+    return number
+
+
+def _flag(name: str, value) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name}={_show(value)} must be True or False")
+    return bool(value)
+
+
+def _stop_strings(stop) -> tuple[str, ...]:
+    if stop is None:
+        return ()
+    if isinstance(stop, str):  # one stop string, not a set of one-character ones
+        stop = (stop,)
+    if not isinstance(stop, (list, tuple, set, frozenset)):
+        raise ValueError(f"stop={_show(stop)} must be a string or a list of strings")
+    out = tuple(stop)
+    for n, s in enumerate(out):
+        if not isinstance(s, str):
+            raise ValueError(f"stop string {n} is {_show(s)}, not a str")
+        if not s:
+            raise ValueError("stop strings must not be empty")
+        if not _is_unicode(s):
+            raise ValueError(f"stop string {n} ({_show(s)}) holds a lone surrogate; give valid Unicode text")
+    return out
+
+
+def _is_unicode(text: str) -> bool:
+    """False for strings holding lone surrogates (they cannot be encoded, so no text ever matches them)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class Sampler:
@@ -55,15 +128,21 @@ class Sampler:
             for row, seen in zip(logits, history):
                 idx = np.unique(np.asarray(seen, dtype=np.int64))
                 vals = row[idx]
-                row[idx] = np.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+                with np.errstate(over="ignore", under="ignore"):  # extreme penalties: ±inf, clipped below
+                    row[idx] = np.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
         if p.is_greedy:
             return logits.argmax(axis=-1)
-        logits /= p.temperature
-        if p.top_k:
-            k = min(p.top_k, logits.shape[-1])
-            kth = np.partition(logits, -k, axis=-1)[:, -k, None]  # [B, 1]
-            logits = np.where(logits < kth, -np.inf, logits)
-        probs = np.exp(logits - logits.max(axis=-1, keepdims=True))  # [B, V]
+        with np.errstate(over="ignore", under="ignore"):
+            # Any finite temperature and penalty must give a distribution: clip what a tiny
+            # penalty pushed to ±inf, and shift by the row maximum before dividing by the
+            # temperature, so no step computes inf - inf (which would be NaN).
+            np.clip(logits, -_FLOAT_MAX, _FLOAT_MAX, out=logits)
+            logits = (logits - logits.max(axis=-1, keepdims=True)) / p.temperature  # [B, V], <= 0
+            if p.top_k:
+                k = min(p.top_k, logits.shape[-1])
+                kth = np.partition(logits, -k, axis=-1)[:, -k, None]  # [B, 1]
+                logits = np.where(logits < kth, -np.inf, logits)
+            probs = np.exp(logits)  # [B, V]; the maximum is exp(0) = 1, so each row sums to >= 1
         probs /= probs.sum(axis=-1, keepdims=True)
         if p.top_p < 1.0:
             probs = _top_p(probs, p.top_p)

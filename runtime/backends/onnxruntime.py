@@ -9,10 +9,10 @@ the new keys/values into that memory instead of copying the cache each step.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
-
 
 from ..generator import GenerationError
 
@@ -39,11 +39,11 @@ class OnnxRuntimeBackend:
         # activations (accuracy level 4), a second quantization the graph does not ask for (10× the
         # logit error of the weights' own). Level 1 keeps the activations in floating point.
         options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
-        model = _model_bytes(build_dir, manifest, options)
         self.providers = providers or _default_providers(ort)
-        self.session = ort.InferenceSession(model, options, providers=self.providers)
-        shape = (self.max_batch, cfg["num_key_value_heads"], self.max_seq_len, cfg["head_dim"])
         self.cache_dtype = _cache_dtype(manifest)  # float16 for fp16 and int8 builds
+        _check_bf16(self.build_dir, manifest, self.cache_dtype, self.providers)
+        self.session = _session(ort, self.build_dir, manifest, options, self.providers)
+        shape = (self.max_batch, cfg["num_key_value_heads"], self.max_seq_len, cfg["head_dim"])
         # One buffer per (layer, kind); bound as input and output, never reallocated. With the
         # CUDA provider the cache lives on the GPU (OrtValues), else in numpy arrays.
         self._cache_shape = shape
@@ -98,6 +98,47 @@ def _cache_dtype(manifest: dict) -> type:
         raise GenerationError(f"manifest I/O table gives KV cache dtypes {sorted(dtypes)}; expected one of "
                               f"{sorted(known)}")  # fmt: skip
     return known[dtypes.pop()]
+
+
+def _check_bf16(build_dir: Path, manifest: dict, cache_dtype, providers: list[str]) -> None:
+    """ONNX Runtime's CPU provider has no bfloat16 MatMul: refuse before it fails deep inside."""
+    import ml_dtypes
+
+    precision = manifest.get("optimize", {}).get("precision")
+    if (precision == "bf16" or cache_dtype is ml_dtypes.bfloat16) and "CUDAExecutionProvider" not in providers:
+        raise GenerationError(
+            f"{build_dir} is a bf16 build and ONNX Runtime on CPU has no bf16 MatMul; run an fp32 build "
+            "(`mixtral-build optimize EXPORT_DIR --precision fp32`, or the onnxruntime/ directory of a "
+            "--precision bf16 build, which is fp32) or this build's TensorRT engine (--backend tensorrt)"
+        )
+
+
+def _session(ort, build_dir: Path, manifest: dict, options, providers: list[str]):
+    """The inference session; a model or data file ONNX Runtime cannot read becomes one clear error."""
+    names = f"{manifest['export']['model_file']} / {manifest['export'].get('data_file', 'its data file')}"
+    try:
+        return ort.InferenceSession(_model_bytes(build_dir, manifest, options), options, providers=providers)
+    except GenerationError:
+        raise
+    except Exception as exc:  # ORT's own classes (Fail, InvalidProtobuf, ...) and protobuf's DecodeError
+        if type(exc).__name__ == "NotImplemented":  # an op or dtype the chosen providers lack
+            raise GenerationError(
+                f"ONNX Runtime ({', '.join(providers)}) cannot run {build_dir}: {_first_reason(exc)}; use an fp32 "
+                "build or the TensorRT engine (--backend tensorrt)"
+            ) from None
+        raise GenerationError(
+            f"ONNX Runtime cannot load {names} in {build_dir} ({_first_reason(exc)}); the files are damaged or do not "
+            "match this build: re-run the stage that wrote the directory (without --no-verify / verify=False every "
+            "file's sha256 is checked first)"
+        ) from None
+
+
+def _first_reason(exc: Exception) -> str:
+    """The innermost reason of an ONNX Runtime error, on one line, without its C++ source locations."""
+    text = " ".join(str(exc).split())
+    text = re.split(r"\[ONNXRuntimeError\] : \d+ : \w+ : ", text)[-1]
+    text = re.sub(r"^\S+\.(?:cc|h|cpp):\d+ \S+ ", "", text)
+    return (text[:300] + "...") if len(text) > 300 else text or type(exc).__name__
 
 
 def _model_bytes(build_dir: Path, manifest: dict, options) -> bytes | str:
