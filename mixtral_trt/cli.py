@@ -3,8 +3,11 @@ so ``--help`` and argument errors work even where torch or TensorRT are missing.
 
 from __future__ import annotations
 
+import errno
 import functools
+import logging
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -16,6 +19,7 @@ MODEL_HELP = "Checkpoint directory (Hugging Face layout, safetensors), or 'tiny'
 # Errors that mean "your input is wrong": reported as one line, never a traceback. Looked up
 # only in modules already imported (a module that raised one is), so nothing heavy is loaded.
 _USER_ERRORS = {
+    "mixtral_trt.fsutil": ("OutputBusyError", "OutputPathError"),
     "mixtral_trt.config": ("ConfigError",),
     "mixtral_trt.manifest": ("ManifestError",),
     "mixtral_trt.onnx_files": ("ExternalDataError",),
@@ -31,6 +35,37 @@ _USER_ERRORS = {
     "mixtral_trt.runtime.tokenizer": ("TokenizerError",),
     "mixtral_trt.triton": ("TritonRepositoryError",),
 }
+
+
+# OSErrors about a path the user chose (mostly the output): errno -> what happened, what to do.
+_PATH_ERRORS = {
+    errno.ENOSPC: ("no space left on device writing {path}{free}", "free some space or choose another output path"),
+    errno.EDQUOT: ("disk quota exceeded writing {path}{free}", "free some space or choose another output path"),
+    errno.EROFS: ("{path} is on a read-only file system", "choose another output path"),
+    errno.EACCES: ("permission denied: {path}", "choose a path you may write, or change its permissions"),
+    errno.EPERM: ("operation not permitted: {path}", "choose another output path"),
+    errno.ENOTDIR: ("{path}: a part of this path is a file, not a directory", "choose another output path"),
+    errno.EISDIR: ("{path} is a directory where a file is expected", "choose another path"),
+    errno.EEXIST: ("{path} already exists", "remove it or choose another output path"),
+    errno.ENAMETOOLONG: ("file name too long: {path}", "choose a shorter output path"),
+    errno.ENOENT: ("no such file or directory: {path}", "check the path (its file system may not allow creating it)"),
+}
+
+
+def _path_error(exc: OSError, fallback) -> str | None:
+    """One line for an OSError in _PATH_ERRORS (None for any other: a bug stays a traceback)."""
+    if exc.errno not in _PATH_ERRORS:
+        return None
+    from mixtral_trt.fsutil import public_name
+
+    what, fix = _PATH_ERRORS[exc.errno]
+    name = exc.filename if exc.filename is not None else fallback
+    path = public_name(name) if name is not None else "the output directory"
+    free = ""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        existing = next((p for p in [Path(path), *Path(path).parents] if p.exists()), Path("."))
+        free = f" ({shutil.disk_usage(existing).free / 1e9:.1f} GB free there)"
+    return f"{what.format(path=path, free=free)}; {fix}"
 
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
@@ -52,12 +87,40 @@ def _user_errors(fn):
             raise
         except ImportError as exc:
             raise click.ClickException(f"{exc}. Install the missing package (see README: Install)") from None
+        except KeyboardInterrupt:
+            click.echo("Aborted!", err=True)  # what was being written is removed; finished outputs stay
+            raise click.exceptions.Exit(130) from None
         except Exception as exc:
+            line = _path_error(exc, kwargs.get("out_dir")) if isinstance(exc, OSError) and exc.errno else None
+            if line is not None:
+                raise click.ClickException(line) from None
             if isinstance(exc, _user_error_types()):
                 raise click.ClickException(str(exc)) from None
             raise
 
     return wrapper
+
+
+class _Stderr(logging.Handler):
+    """Writes records to the current sys.stderr (which click's test runner replaces)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        click.echo(self.format(record), err=True)
+
+
+def _set_verbose(ctx, param, value) -> None:
+    if not value:
+        return
+    logger = logging.getLogger("mixtral_trt")
+    if not any(isinstance(h, _Stderr) for h in logger.handlers):
+        logger.addHandler(_Stderr())
+    logger.setLevel(logging.INFO)
+
+
+_verbose_option = click.option(
+    "--verbose", is_flag=True, expose_value=False, callback=_set_verbose,
+    help="Also print informational messages, such as TensorRT's notes on every Int64 input.",
+)  # fmt: skip
 
 
 def _parse_sms(ctx, param, value):
@@ -91,6 +154,7 @@ def _parse_sms(ctx, param, value):
 @click.option("--out", "out_dir", type=click.Path(path_type=Path),
               help="Build directory [default: out/<model name>-<precision>].")
 @click.option("--quiet", is_flag=True, help="No progress output.")
+@_verbose_option
 @click.version_option(package_name="mixtral-trt")
 @click.pass_context
 @_user_errors
@@ -206,9 +270,7 @@ def optimize(src_dir, out_dir, precision, target, moe, int8_lm_head, int8_router
     Weights are rewritten once (streamed, one tensor chunk at a time) into the new precision;
     lowering is a graph rewrite, so the lowered model hard-links the converted weights.
     """
-    import shutil
-    import tempfile
-
+    from mixtral_trt.fsutil import scratch_dir
     from mixtral_trt.optimize.lowering import lower_dir
     from mixtral_trt.optimize.precision import convert
 
@@ -222,8 +284,7 @@ def optimize(src_dir, out_dir, precision, target, moe, int8_lm_head, int8_router
     if target == "canonical":
         path = convert(src_dir, out_dir, precision, **options)
     else:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.precision-", dir=out_dir.parent))
+        staging = scratch_dir(out_dir, "precision")  # removed by a later run if this one is killed
         try:
             converted = convert(src_dir, staging / "canonical", precision, **options)
             # converted was written (and hashed) just now by this process: no second pass over the weights
@@ -247,6 +308,7 @@ def optimize(src_dir, out_dir, precision, target, moe, int8_lm_head, int8_router
                    "each step, for Triton's TensorRT backend.")
 @click.option("--no-verify", is_flag=True, help="Skip re-hashing SRC_DIR's files against its manifest.")
 @click.option("--quiet", is_flag=True, help="No progress output.")
+@_verbose_option
 @_user_errors
 def engine(src_dir, out_dir, target, sms, max_batch, max_seq_len, timing_cache, cache_update, no_verify,
            quiet):  # fmt: skip

@@ -13,7 +13,7 @@ import platform
 from pathlib import Path
 from typing import Any
 
-from .fsutil import atomic_write_text
+from .fsutil import atomic_write_text, output_path_problem
 
 FORMAT = "mixtral-trt"
 FORMAT_VERSION = 1
@@ -123,6 +123,9 @@ def check_output_dir(out_dir: Path, stage: str, error: type[Exception] = FileExi
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise error(f"output path {out_dir} exists and is a file; choose a directory path")
+    problem = output_path_problem(out_dir)
+    if problem:
+        raise error(problem)
     if out_dir.is_dir() and any(out_dir.iterdir()) and not is_artifact(out_dir, stage):
         raise error(
             f"output directory {out_dir} exists, is not empty and holds no previous {stage} output "

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from .fsutil import atomic_write_text
+from .fsutil import atomic_write_text, output_lock, output_path_problem
 from .inspect import human_size
 from .manifest import MANIFEST, ManifestError, read_manifest
 
@@ -93,17 +93,23 @@ def run(plan: Plan, say: Callable[[str], None] | None = None, progress: bool = T
         engine.check_target_sms(trt_compat.load(target), plan.sms)
     # ONNX Runtime on CPU has no bf16 MatMul: the ONNX Runtime model of a bf16 build is fp32.
     ort_precision = "fp32" if plan.precision == "bf16" else plan.precision
+    if Path(plan.out).exists() and not Path(plan.out).is_dir():
+        raise PipelineError(f"--out {plan.out} exists and is a file; choose a directory path")
+    problem = output_path_problem(plan.out)
+    if problem:
+        raise PipelineError(problem)
     say(f"target: {target} ({why}); precision: {plan.precision}; output: {plan.out}")
-    record = _Record(plan.out)
-    results: list[StageResult] = []
-    fresh: set[Path] = set()  # directories this run wrote (and hashed while writing)
-    stages = _stages(plan, target, ort_precision, fresh)
-    for n, (name, make, inputs) in enumerate(stages, 1):
-        say(f"[{n}/{len(stages)}] {name}")
-        results.append(record.stage(name, make, inputs(), progress))
-        if not results[-1].reused:
-            fresh.add(results[-1].path.resolve())
-        say(f"      {'reused' if results[-1].reused else 'done'}: {results[-1].path} ({results[-1].seconds:.1f} s)")
+    with output_lock(plan.out):  # a second build into the same OUT is refused, not interleaved
+        record = _Record(plan.out)
+        results: list[StageResult] = []
+        fresh: set[Path] = set()  # directories this run wrote (and hashed while writing)
+        stages = _stages(plan, target, ort_precision, fresh)
+        for n, (name, make, inputs) in enumerate(stages, 1):
+            say(f"[{n}/{len(stages)}] {name}")
+            results.append(record.stage(name, make, inputs(), progress))
+            if not results[-1].reused:
+                fresh.add(results[-1].path.resolve())
+            say(f"      {'reused' if results[-1].reused else 'done'}: {results[-1].path} ({results[-1].seconds:.1f} s)")
     return results
 
 

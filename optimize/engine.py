@@ -25,7 +25,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from mixtral_trt.fsutil import atomic_dir, atomic_write_bytes
+from mixtral_trt.fsutil import atomic_dir, atomic_write_bytes, output_lock
 from mixtral_trt.manifest import check_output_dir, read_manifest, tool_versions, write_manifest
 from mixtral_trt.onnx_files import check_external_data
 
@@ -176,7 +176,8 @@ def _parse(
     parser = T.OnnxParser(network, logger)
     # The path locates the external data. TensorRT-RTX 1.7's parser maps it rather than reading it:
     # during a build the weights count as file-backed (reclaimable) pages, not anonymous memory.
-    ok = parser.parse(lowered.SerializeToString(), str(model_path))
+    with trt_compat.interruptible():
+        ok = parser.parse(lowered.SerializeToString(), str(model_path))
     problems = [_parser_error(parser.get_error(i), trt.module) for i in range(parser.num_errors)]
     problems += [f"plugin: {e}" for e in moe_plugin.take_errors()]
     if not ok or problems:
@@ -368,35 +369,36 @@ def build(
         raise EngineBuildError(str(exc)) from None
     target_sms = check_target_sms(trt, sms)
 
-    _say(progress, f"parsing {model_path} with {trt.flavour} {trt.version}")
-    parsed = _parse(trt, manifest, model_path, seq, cache_update)
-    config = parsed.builder.create_builder_config()
-    ranges = profile_ranges(batch, seq)
-    _add_profiles(parsed, config, ranges)
-    cache_path = cache = None
-    if trt.is_rtx:
-        trt.set_target_sms(config, target_sms)  # RTX: no timing cache (its timing-cache calls are no-ops)
-    else:
-        cache_path = Path(timing_cache) if timing_cache is not None else default_timing_cache(out_dir, trt)
-        cache = _load_timing_cache(config, cache_path)
-    _say(progress, f"building for {', '.join('SM' + s for s in target_sms) or 'this GPU'} "
-                   f"(batch <= {batch}, seq <= {seq}, {parsed.moe_nodes} MoE plugin layers)")  # fmt: skip
-    built = time.perf_counter()
-    with atomic_dir(out_dir) as tmp:
-        plan_file = _PlanFile(tmp / PLAN_FILE)
-        try:
-            _build_plan(parsed, config, plan_file)
-            build_seconds = time.perf_counter() - built
-            sha = plan_file.finish()
-        finally:
-            plan_file.close()
-        if cache is not None:
-            atomic_write_bytes(cache_path, bytes(cache.serialize()))
-        body = _manifest_body(parsed, manifest, src_dir, batch, seq, ranges, target_sms, cache_path, build_seconds)
-        _link_side_files(src_dir, tmp, model_path, parsed)
-        write_manifest(tmp, "engine", body, {PLAN_FILE: sha})
-    _say(progress, f"wrote {out_dir} ({plan_file.size / 1e6:.1f} MB plan, build {build_seconds:.1f} s, "
-                   f"total {time.perf_counter() - started:.1f} s)")  # fmt: skip
+    with output_lock(out_dir):  # held for the whole stage: a second writer is refused at once
+        _say(progress, f"parsing {model_path} with {trt.flavour} {trt.version}")
+        parsed = _parse(trt, manifest, model_path, seq, cache_update)
+        config = parsed.builder.create_builder_config()
+        ranges = profile_ranges(batch, seq)
+        _add_profiles(parsed, config, ranges)
+        cache_path = cache = None
+        if trt.is_rtx:
+            trt.set_target_sms(config, target_sms)  # RTX: no timing cache (its timing-cache calls are no-ops)
+        else:
+            cache_path = Path(timing_cache) if timing_cache is not None else default_timing_cache(out_dir, trt)
+            cache = _load_timing_cache(config, cache_path)
+        _say(progress, f"building for {', '.join('SM' + s for s in target_sms) or 'this GPU'} "
+                       f"(batch <= {batch}, seq <= {seq}, {parsed.moe_nodes} MoE plugin layers)")  # fmt: skip
+        built = time.perf_counter()
+        with atomic_dir(out_dir) as tmp:
+            plan_file = _PlanFile(tmp / PLAN_FILE)
+            try:
+                _build_plan(parsed, config, plan_file)
+                build_seconds = time.perf_counter() - built
+                sha = plan_file.finish()
+            finally:
+                plan_file.close()
+            if cache is not None:
+                atomic_write_bytes(cache_path, bytes(cache.serialize()))
+            body = _manifest_body(parsed, manifest, src_dir, batch, seq, ranges, target_sms, cache_path, build_seconds)
+            _link_side_files(src_dir, tmp, model_path, parsed)
+            write_manifest(tmp, "engine", body, {PLAN_FILE: sha})
+        _say(progress, f"wrote {out_dir} ({plan_file.size / 1e6:.1f} MB plan, build {build_seconds:.1f} s, "
+                       f"total {time.perf_counter() - started:.1f} s)")  # fmt: skip
     return out_dir
 
 
@@ -405,12 +407,16 @@ class _PlanFile:
     held whole in memory when the builder can stream: the engine's weights are its bulk)."""
 
     def __init__(self, path: Path) -> None:
+        self.path = path
         self._f = open(path, "wb")
         self._sha = hashlib.sha256()
         self.size = 0
 
     def write(self, data) -> None:
-        self._f.write(data)
+        try:
+            self._f.write(data)
+        except OSError as exc:  # a failed write() names no file: name it for the message
+            raise OSError(exc.errno, exc.strerror, str(self.path)) from exc
         self._sha.update(data)
         self.size += len(data)
 
@@ -436,15 +442,19 @@ def _build_plan(parsed: ParsedNetwork, config, plan_file: _PlanFile) -> None:
         said = [f"plugin: {e}" for e in moe_plugin.take_errors()] + parsed.trt.logger().take_errors()
         return EngineBuildError("TensorRT could not build the engine:\n  " + "\n  ".join(said or ["(no detail)"]))
 
-    if hasattr(builder, "build_serialized_network_to_stream") and hasattr(module, "IStreamWriter"):
-        writer = _stream_writer(module, plan_file)
-        ok = builder.build_serialized_network_to_stream(parsed.network, config, writer)
-        if writer.error is not None:  # a failed write (disk full...) is the cause, whatever TensorRT says
-            raise writer.error
-        if not ok:
-            raise failed()
-        return
-    plan = builder.build_serialized_network(parsed.network, config)
+    with trt_compat.interruptible() as interrupt:
+        monitor = trt_compat.cancelling_monitor(module, interrupt)
+        if monitor is not None:
+            config.progress_monitor = monitor
+        if hasattr(builder, "build_serialized_network_to_stream") and hasattr(module, "IStreamWriter"):
+            writer = _stream_writer(module, plan_file, interrupt)
+            ok = builder.build_serialized_network_to_stream(parsed.network, config, writer)
+            if writer.error is not None:  # a failed write (disk full...) is the cause, whatever TensorRT says
+                raise writer.error
+            if not ok:
+                raise failed()
+            return
+        plan = builder.build_serialized_network(parsed.network, config)
     if plan is None:
         raise failed()
     view = memoryview(plan).cast("B")
@@ -452,10 +462,10 @@ def _build_plan(parsed: ParsedNetwork, config, plan_file: _PlanFile) -> None:
         plan_file.write(view[start : start + _CHUNK])
 
 
-def _stream_writer(module, plan_file: _PlanFile):
+def _stream_writer(module, plan_file: _PlanFile, interrupt: trt_compat.Interrupt):
     """An IStreamWriter that appends to ``plan_file``. An exception must not cross back into
     TensorRT: it is kept (and re-raised after the build) and the write reports 0 bytes, which makes
-    TensorRT abandon the build."""
+    TensorRT abandon the build; so does a pending Ctrl-C."""
 
     class Writer(module.IStreamWriter):
         def __init__(self) -> None:
@@ -463,7 +473,7 @@ def _stream_writer(module, plan_file: _PlanFile):
             self.error: BaseException | None = None
 
         def write(self, data) -> int:
-            if self.error is not None:
+            if self.error is not None or interrupt.pending:
                 return 0
             try:
                 plan_file.write(data)

@@ -13,10 +13,15 @@ install when the package is missing.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import importlib
 import logging
 import os
+import signal
+import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -32,6 +37,8 @@ MIN_TENSORRT_MAJOR = 10
 RTX_DEFAULT_SMS = ("89", "120")
 
 _LOGGERS: dict[str, object] = {}  # module name -> logger: TensorRT keeps the first logger a process registers
+# Warnings TensorRT repeats for every such input of a healthy model: logged at INFO (shown with --verbose).
+_ROUTINE_WARNINGS = ("has Int64 binding.",)
 
 
 class TensorRTUnavailable(ImportError):
@@ -142,7 +149,8 @@ def process_logger(module):
                     self.errors.append(msg)
                     log.error("TensorRT: %s", msg)
                 elif level == 2:
-                    log.warning("TensorRT: %s", msg)
+                    routine = any(msg.endswith(tail) for tail in _ROUTINE_WARNINGS)
+                    log.log(logging.INFO if routine else logging.WARNING, "TensorRT: %s", msg)
                 elif level == 3:
                     log.debug("TensorRT: %s", msg)
 
@@ -153,6 +161,81 @@ def process_logger(module):
 
         _LOGGERS[key] = Logger()
     return _LOGGERS[key]
+
+
+class Interrupt:
+    """Set by :func:`interruptible`'s SIGINT handler; TensorRT callbacks read it to cancel."""
+
+    signum: int | None = None
+
+    @property
+    def pending(self) -> bool:
+        return self.signum is not None
+
+
+@contextlib.contextmanager
+def interruptible() -> Iterator[Interrupt]:
+    """Run a TensorRT call so that Ctrl-C stops it instead of vanishing.
+
+    Python runs a signal handler at the next bytecode of the main thread, which during a build
+    is inside one of our callbacks (logger, plugin, stream writer) called from C++: a
+    KeyboardInterrupt raised there is swallowed by the bindings and the build goes on. So while
+    the block runs, SIGINT only records itself: the progress monitor and the stream writer see
+    it and cancel the build, and KeyboardInterrupt is raised here once the C++ call has returned.
+    A second Ctrl-C ends the process at once (its partial output is removed by the next run).
+    """
+    state = Interrupt()
+    previous = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or previous in (signal.SIG_IGN, None):
+        yield state  # only the main thread receives Python's signals; an ignored SIGINT stays ignored
+        return
+
+    def record(signum, frame) -> None:
+        if state.pending:
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGINT)
+        state.signum = signum
+        print("interrupted: cancelling the TensorRT call (Ctrl-C again to stop at once)", file=sys.stderr)
+
+    signal.signal(signal.SIGINT, record)
+    try:
+        yield state
+    except Exception:
+        if not state.pending:
+            raise
+        _raise_interrupt(previous, state.signum)  # the failure is the cancellation's doing
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if state.pending:
+        _raise_interrupt(previous, state.signum)
+
+
+def _raise_interrupt(previous, signum: int) -> None:
+    if callable(previous) and previous is not signal.default_int_handler:
+        previous(signum, None)  # someone else's handler decides
+    raise KeyboardInterrupt
+
+
+def cancelling_monitor(module, state: Interrupt):
+    """An IProgressMonitor that cancels the build once ``state`` is pending (None where the
+    nvinfer module has no progress monitors). Keep it referenced until the build returns."""
+    if not hasattr(module, "IProgressMonitor"):
+        return None
+
+    class Monitor(module.IProgressMonitor):
+        def __init__(self) -> None:
+            module.IProgressMonitor.__init__(self)
+
+        def phase_start(self, phase_name, parent_phase, num_steps) -> None:
+            pass
+
+        def step_complete(self, phase_name, step) -> bool:
+            return not state.pending  # False cancels the build
+
+        def phase_finish(self, phase_name) -> None:
+            pass
+
+    return Monitor()
 
 
 def ensure_rtx_unversioned_library(trt: TensorRT) -> Path | None:
