@@ -203,10 +203,12 @@ def test_truncated_data_file_without_verify(build, tmp_path, model, greedy):
     assert model.generate(GOOD, max_new_tokens=4, greedy=True)[0].output_ids == greedy
 
 
-@pytest.mark.parametrize("name, size, words", [("model.onnx.data", 4096, "out of bounds"),
-                                               ("model.onnx", 100, "Error parsing message")])  # fmt: skip
-def test_file_onnxruntime_cannot_read(build, tmp_path, name, size, words):
+# A data file cut short is caught by the external-data check before ONNX Runtime reads it;
+# a graph cut short only by ONNX Runtime's own parser.
+@pytest.mark.parametrize("name, size, match", [
+    ("model.onnx.data", 4096, "external data location 'model.onnx.data'.* beyond the end of the file"),
+    ("model.onnx", 100, "ONNX Runtime cannot load model.onnx / model.onnx.data .*Error parsing message")])  # fmt: skip
+def test_file_onnxruntime_cannot_read(build, tmp_path, name, size, match):
     copy = _damaged_copy(build, tmp_path, name, size, record_size=True)
-    match = f"ONNX Runtime cannot load model.onnx / model.onnx.data .*{words}"
     with pytest.raises(runtime.GenerationError, match=match):
         runtime.load(copy, verify=False)
