@@ -39,7 +39,7 @@ def test_lowered_graph_has_no_custom_op_and_shares_weights(export_dir, tmp_path,
     from mixtral_trt.manifest import read_manifest
     from mixtral_trt.optimize.lowering import lower_export_dir
 
-    out = lower_export_dir(export_dir, tmp_path / moe, moe=moe)
+    out = lower_export_dir(export_dir, tmp_path / moe, moe=moe, data="copy")
     model = onnx.load(str(out / "model.onnx"), load_external_data=False)
     assert not [n for n in model.graph.node if n.domain == moe_op.MOE_DOMAIN]
     assert {o.domain for o in model.opset_import} == ({"", "com.microsoft"} if moe == "contrib" else {""})
@@ -51,8 +51,8 @@ def test_lowered_graph_has_no_custom_op_and_shares_weights(export_dir, tmp_path,
 def test_contrib_and_decomposed_agree_with_the_eager_op(export_dir, tmp_path):
     from mixtral_trt.optimize.lowering import lower_export_dir
 
-    contrib = _prefill(lower_export_dir(export_dir, tmp_path / "c", "contrib") / "model.onnx")
-    dense = _prefill(lower_export_dir(export_dir, tmp_path / "d", "decomposed") / "model.onnx")
+    contrib = _prefill(lower_export_dir(export_dir, tmp_path / "c", "contrib", "copy") / "model.onnx")
+    dense = _prefill(lower_export_dir(export_dir, tmp_path / "d", "decomposed", "copy") / "model.onnx")
     np.testing.assert_allclose(contrib, dense, atol=1e-5, rtol=0)
 
 

@@ -46,7 +46,7 @@ def builds(tmp_path_factory):
     root = tmp_path_factory.mktemp("triton")
     ckpt = make_checkpoint(root / "ckpt", seed=5, num_hidden_layers=2, hidden_size=64, intermediate_size=96)
     exported = export(ckpt, root / "export", max_batch=MAX_BATCH, max_seq_len=MAX_SEQ, progress=False)
-    return exported, lower_export_dir(exported, root / "ort")
+    return exported, lower_export_dir(exported, root / "ort", data="copy")
 
 
 @pytest.fixture(scope="module")
