@@ -176,7 +176,7 @@ class _Record:
         start = time.perf_counter()
         entry = self.data.get(name)
         if entry and entry.get("inputs") == inputs:
-            path = Path(entry["path"])
+            path = self.out / Path(entry["path"]).name  # OUT may have moved, or the build ran elsewhere
             if _manifest_sha(path) == entry.get("manifest_sha256"):
                 if entry.get("serves") != serves:  # a record from before `serves` existed
                     self._save(name, {**entry, "serves": serves})
