@@ -222,7 +222,7 @@ def _checkpoint_fingerprint(model: Path) -> dict:
 
 def summary(results: list[StageResult]) -> list[str]:
     """Lines describing each artifact: path, size on disk, time."""
-    lines = []
+    lines, width = [], max((len(r.name) for r in results), default=0)
     for r in results:
         size = sum(p.stat().st_size for p in r.path.iterdir() if p.is_file()) if r.path.is_dir() else 0
         try:
@@ -231,7 +231,7 @@ def summary(results: list[StageResult]) -> list[str]:
         except ManifestError:
             what = ""
         state = "reused" if r.reused else f"{r.seconds:.1f} s"
-        lines.append(f"{r.name:<40} {human_size(size):>9}  {state:>8}  {r.path}  {what}")
+        lines.append(f"{r.name:<{width}} {human_size(size):>9}  {state:>8}  {r.path}  {what}")
     return lines
 
 
