@@ -63,7 +63,8 @@ def readme(build: _Build, repo: Path, name: str, command: str) -> str:
                   "streams text.")  # fmt: skip
     else:
         models = (f"{text_io} It loads `{build.directory}` in its own process with `mixtral_trt.runtime.load` "
-                  "(ONNX Runtime; the KV cache stays in that process) and generates as `mixtral-build generate`. "
+                  "(ONNX Runtime; the KV cache stays in that process, and each instance holds its own copy of the "
+                  "weights) and generates as `mixtral-build generate`. "
                   "The build is referenced, not copied: keep it at that path (config parameter `build_dir`); the "
                   "model refuses to load if the build there is no longer the one this repository was written for "
                   "(parameter `build_id`, the sha256 of its manifest.json).")  # fmt: skip
