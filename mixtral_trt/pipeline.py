@@ -32,7 +32,7 @@ PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 TARGETS = ("tensorrt", "tensorrt-rtx", "onnxruntime")
 RECORD = "build.json"
 RUNTIMES = {"onnxruntime": "ONNX Runtime", "tensorrt": "TensorRT"}
-TRY_PROMPT_IDS = "1,415,2936"  # "<s> The capital" in Mixtral's tokenizer; works without one
+TRY_PROMPT_IDS = "1,415,2936"  # "<s> The quick" in Mixtral's tokenizer; needs no tokenizer
 
 
 class PipelineError(ValueError):
