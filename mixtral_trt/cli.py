@@ -160,11 +160,12 @@ def _parse_sms(ctx, param, value):
 @_user_errors
 def main(ctx, model, precision, target, max_batch, max_seq_len, sms, int8_lm_head, int8_router, fp16_attention,
          out_dir, quiet):  # fmt: skip
-    """Compile a Mixtral checkpoint: export -> precision -> ONNX Runtime model + TensorRT engine.
+    """Compile a Mixtral checkpoint: export -> precision -> TensorRT engine.
 
     With no command, runs the whole build for --model (default: the built-in tiny model) and
-    prints where everything is. Finished stages whose inputs are unchanged are reused, so an
-    interrupted build resumes where it stopped.
+    prints where everything is. ONNX Runtime runs OUT/<precision> (OUT/fp32 for bf16), lowering
+    it when it loads; generate, inspect and triton also take OUT itself. Finished stages whose
+    inputs are unchanged are reused, so an interrupted build resumes where it stopped.
 
     \b
     Stages, also runnable alone (each reads and writes a directory with a manifest.json):
@@ -190,8 +191,8 @@ def main(ctx, model, precision, target, max_batch, max_seq_len, sms, int8_lm_hea
     click.echo("built:")
     for line in pipeline.summary(results):
         click.echo(f"  {line}")
-    ort = next(r.path for r in results if r.name == "onnxruntime model")
-    click.echo(f"try it:  mixtral-build generate {ort} --prompt \"The capital of France is\"")
+    for line in pipeline.try_it(out_dir, results):
+        click.echo(line)
 
 
 @main.command()
@@ -268,7 +269,7 @@ def optimize(src_dir, out_dir, precision, target, moe, int8_lm_head, int8_router
     """Apply a precision to an export directory and lower it for a target runtime.
 
     Weights are rewritten once (streamed, one tensor chunk at a time) into the new precision;
-    lowering is a graph rewrite, so the lowered model hard-links the converted weights.
+    lowering is a graph rewrite, and the converted weights move into --out (written once, one link).
     """
     from mixtral_trt.fsutil import scratch_dir
     from mixtral_trt.optimize.lowering import lower_dir
@@ -288,7 +289,7 @@ def optimize(src_dir, out_dir, precision, target, moe, int8_lm_head, int8_router
         try:
             converted = convert(src_dir, staging / "canonical", precision, **options)
             # converted was written (and hashed) just now by this process: no second pass over the weights
-            path = lower_dir(converted, out_dir, target="onnxruntime", moe=moe, verify=False)
+            path = lower_dir(converted, out_dir, target="onnxruntime", moe=moe, data="move", verify=False)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     click.echo(f"{target} {precision} model: {path / 'model.onnx'}")
@@ -337,14 +338,31 @@ def engine(src_dir, out_dir, target, sms, max_batch, max_seq_len, timing_cache, 
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 @_user_errors
 def inspect(artifact_dir, verify, as_json):
-    """Print what an artifact directory holds: model, precision, I/O, files, TensorRT needs."""
+    """Print what an artifact directory holds: model, precision, I/O, files, TensorRT needs.
+
+    Given the main job's OUT directory, describes each of its stages (as listed in OUT/build.json).
+    """
     import json
 
     from mixtral_trt.inspect import describe
-    from mixtral_trt.manifest import read_manifest
+    from mixtral_trt.manifest import MANIFEST, read_manifest
+    from mixtral_trt.pipeline import RECORD, RUNTIMES, main_job_stages
 
-    manifest = read_manifest(artifact_dir, verify=verify)
-    click.echo(json.dumps(manifest, indent=2) if as_json else describe(manifest))
+    if (artifact_dir / MANIFEST).is_file() or not (artifact_dir / RECORD).is_file():
+        manifest = read_manifest(artifact_dir, verify=verify)
+        click.echo(json.dumps(manifest, indent=2) if as_json else describe(manifest))
+    else:
+        stages = main_job_stages(artifact_dir)
+        click.echo(f"{artifact_dir} is a main-job build directory with {len(stages)} stage(s) ({RECORD})", err=True)
+        manifests = {name: read_manifest(s["path"], verify=verify) for name, s in stages.items()}
+        if as_json:
+            click.echo(json.dumps({name: {"path": str(stages[name]["path"]), "serves": stages[name]["serves"],
+                                          "manifest": m} for name, m in manifests.items()}, indent=2))  # fmt: skip
+        else:
+            for name, manifest in manifests.items():
+                serves = stages[name]["serves"]
+                click.echo(f"== {name}: {stages[name]['path']}" + (f" (runs on {RUNTIMES[serves]})" if serves else ""))
+                click.echo(describe(manifest) + "\n")
     if verify:
         click.echo("all files match their sha256", err=True)
 
@@ -379,7 +397,8 @@ def _parse_ids(ctx, param, values):
 @_user_errors
 def generate(build_dir, prompts, prompt_ids, max_new_tokens, greedy, temperature, top_p, top_k, repetition_penalty,
              seed, stop, backend, as_json, no_verify):  # fmt: skip
-    """Generate text with a build directory (an export, an optimize output or an engine build).
+    """Generate text with a build directory (an export, an optimize output, an engine build, or the
+    main job's OUT: its ONNX Runtime directory, or OUT/engine with --backend tensorrt).
 
     Give prompts as text (--prompt, tokenized with the build's tokenizer, BOS prepended as
     Mixtral expects) or as ids (--prompt-ids). Text streams as it is produced; --json prints
@@ -397,6 +416,11 @@ def generate(build_dir, prompts, prompt_ids, max_new_tokens, greedy, temperature
     sampling = {"max_new_tokens": max_new_tokens, "greedy": not sampled, "repetition_penalty": repetition_penalty,
                 "seed": seed, "stop": stop}  # fmt: skip
     sampling.update({k: v for k, v in (("temperature", temperature), ("top_p", top_p), ("top_k", top_k)) if v is not None})
+    from mixtral_trt.pipeline import resolve_build
+
+    build_dir, why = resolve_build(build_dir, backend)
+    if why:
+        click.echo(why, err=True)
     model = runtime.load(build_dir, backend=backend, verify=not no_verify)
     batch = list(prompts) or prompt_ids
     stream = not as_json and len(batch) == 1 and model.tokenizer is not None

@@ -1,77 +1,53 @@
 """Triton Inference Server model repository for a build.
 
-:func:`write_repository` turns an engine build (stage ``engine``, ``model.plan``) or an ONNX
-Runtime build (stage ``optimize``, target ``onnxruntime``) into two Triton models:
+:func:`write_repository` turns an engine build (stage ``engine``, ``model.plan``) into two models:
 
-    REPO/<name>_engine/config.pbtxt     platform tensorrt_plan | onnxruntime_onnx: one forward step
-    REPO/<name>_engine/1/               model.plan (+ plugin libraries) | model.onnx + data + tokenizer
+    REPO/<name>_engine/config.pbtxt     platform tensorrt_plan: one forward step
+    REPO/<name>_engine/1/               model.plan (+ plugin libraries), mixtral_build.json
     REPO/<name>/config.pbtxt            backend python, decoupled: text in, streamed text out
-    REPO/<name>/1/                      model.py, build_manifest.json, tokenizer
+    REPO/<name>/1/                      model.py, build_manifest.json, tokenizer, mixtral_build.json
     REPO/<name>/README.md               how to start tritonserver on this repository
 
-The KV cache is explicit: the Python model keeps it and passes ``past_key_values.*`` with every
-BLS request, receiving ``present.*`` back (see :data:`KV_CACHE_DOC` for why not Triton's implicit
-state). Nothing here imports tritonclient, tensorrt or onnxruntime: configs are written as text.
+and an ONNX Runtime build (an export, a canonical precision output or an ``optimize --target
+onnxruntime`` output) into one Python-backend model that loads the build where it lies with
+``mixtral_trt.runtime.load`` (config parameter ``build_dir``, an absolute path): no ONNX file or
+weight is copied or linked into the repository, and the cache stays in the model's process.
 
-Each model's version directory is staged in a hidden directory inside its model directory (Triton
-ignores non-numeric names there) and swapped in with one rename, so a server polling the repository
-never sees a half-written version. Other models in ``REPO`` are never touched.
+    REPO/<name>/config.pbtxt            backend python, decoupled; parameters build_dir, build_id
+    REPO/<name>/1/                      model.py, mixtral_build.json
+
+With an engine the KV cache is explicit: the Python model keeps it and passes ``past_key_values.*``
+with every BLS request, receiving ``present.*`` back (see :data:`mixtral_trt.triton_readme.KV_CACHE_DOC` for why not Triton's
+implicit state). Nothing here imports tritonclient, tensorrt or onnxruntime: configs are written
+as text. ``mixtral_build.json`` names the build (the sha256 of its manifest.json) in every version
+directory; the text model refuses to load beside an engine model of another build. The
+repository changes as a whole as far as the filesystem allows (:mod:`mixtral_trt.triton_swap`);
+other models in ``REPO`` are never touched.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import dataclasses
 import json
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from . import triton_swap
 from .fsutil import atomic_write_text
 from .manifest import MANIFEST, ManifestError, read_manifest, sha256_file
-
-VERSION = "1"
+from .runtime.backends.triton_bls import BUILD_FILE
+from .triton_readme import PLUGIN_LIBRARY, readme  # noqa: F401 - PLUGIN_LIBRARY: public name
+from .triton_swap import VERSION
 MARKER = "# Written by mixtral-trt"  # first line of every config.pbtxt we write: ours to replace
-PLUGIN_LIBRARY = "libmixtral_trt_plugins.so"
 MODEL_PY = Path(__file__).parent / "triton_model" / "model.py"
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
 _TYPES = {"int64": "TYPE_INT64", "int32": "TYPE_INT32", "float32": "TYPE_FP32", "float16": "TYPE_FP16",
           "bfloat16": "TYPE_BF16", "bool": "TYPE_BOOL", "int8": "TYPE_INT8", "uint8": "TYPE_UINT8"}  # fmt: skip
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-
-KV_CACHE_DOC = """\
-The KV cache is explicit. The `{name}` Python model keeps each layer's `past_key_values.{{i}}.key|value`
-([batch, kv_heads, max_seq_len, head_dim]) and sends them with every BLS request to `{name}_engine`,
-which returns `present.{{i}}.key|value`; these become the next step's inputs without a copy in Python
-(a DLPack rename). Triton's implicit state (sequence batcher `state` entries) does not fit this graph
-better: the sequence batcher takes only batch-size-1 requests (one row per sequence, so a batch of prompts
-becomes many sequences and prefills of different lengths never batch), keeps one state buffer per
-sequence (in host memory unless `use_growable_memory`), and the backend gathers those into its own input
-binding and scatters its own output binding back on every step (`use_same_buffer_for_input_output`
-merges only Triton's per-sequence copies), so the cache is copied in and out all the same; sequences
-need correlation ids, start/end flags and an idle timeout. Explicit tensors cost the same two copies per
-step, and in exchange one request carries a whole batch with each row's own `position_ids` and
-`write_indices` (prefill one request with seq > 1, decode one with seq = 1), the engine model needs no
-sequence batcher or control inputs, and it can use Triton's dynamic batcher to merge equal-length steps
-of several text-model instances. Each step moves 2 x the batch's cache through Triton (Mixtral-8x7B fp16
-at 4096 slots: 512 MiB per row each way), so export with a `--max-seq-len` that fits your use. With an
-engine on the GPU the text model asks for outputs in GPU memory: after the first step the cache stays
-on the device (this needs torch with CUDA in Triton's Python environment). The cache belongs to a
-text-model instance and is reused by its next request: prefill rewrites the slots it reads."""
-
-ALIASING_DOC = """\
-Engines and in-place caches: our TensorRT engines turn TensorScatter into TensorRT's KV-cache-update
-layer, whose `present.*` output must share its device address with `past_key_values.*`. Triton's
-TensorRT backend binds every input and output (implicit state included) to a buffer of its own and has
-no notion of aliased tensors, so `present.*` as Triton returns it may not hold the update (not yet run on
-a GPU). The text model checks its first step and answers with an error naming this if the returned
-cache lacks the new keys. Serve the ONNX Runtime build, or an engine built without in-place cache
-aliasing, if you meet it."""
-
 
 class TritonRepositoryError(ValueError):
     """The build cannot become a Triton model repository, or the repository path is not ours to write."""
@@ -83,11 +59,12 @@ class _Build:
 
     directory: Path
     manifest: dict
-    platform: str  # "tensorrt_plan" | "onnxruntime_onnx"
-    model_files: tuple[tuple[Path, str], ...]  # (source, name in the version directory)
+    platform: str  # "tensorrt_plan" (engine + text model) | "onnxruntime" (one in-process text model)
+    model_files: tuple[tuple[Path, str], ...]  # (source, name in the engine's version directory)
     plugin_libraries: tuple[tuple[Path, str], ...]  # (source, name beside the engine)
     plugins_without_library: tuple[str, ...]
     tokenizer: Path
+    build_id: str  # sha256 of the build's manifest.json
 
 
 # ---------------------------------------------------------------------------------------------
@@ -99,13 +76,14 @@ def inspect_build(build_dir: str | Path, verify: bool = True) -> _Build:
     build_dir = Path(build_dir).resolve()
     manifest = read_manifest(build_dir, ("export", "optimize", "engine"), verify=verify)
     stage = manifest["stage"]
-    if stage == "export" or (stage == "optimize" and manifest.get("optimize", {}).get("target") != "onnxruntime"):
+    target = manifest.get("optimize", {}).get("target")
+    if stage == "optimize" and target not in ("canonical", "onnxruntime"):
         raise TritonRepositoryError(
-            f"{build_dir} holds canonical ONNX (stage {stage!r}) with the mixtral.MoETop2 custom op, which "
-            f"neither ONNX Runtime nor TensorRT can load as is; serve `mixtral-build optimize {build_dir} "
-            "--out DIR --target onnxruntime` or an `mixtral-build engine` output instead"
+            f"{build_dir} is an optimize output for target {target!r}; serve an export, a canonical precision "
+            "output, an `optimize --target onnxruntime` output or an `mixtral-build engine` output"
         )
     _check_io(build_dir, manifest)
+    build_id = sha256_file(build_dir / MANIFEST)
     tokenizer = next((build_dir / n for n in TOKENIZER_FILES if (build_dir / n).is_file()), None)
     if tokenizer is None:
         raise TritonRepositoryError(
@@ -113,18 +91,15 @@ def inspect_build(build_dir: str | Path, verify: bool = True) -> _Build:
             "Copy the checkpoint's tokenizer into the build directory"
         )
     if stage == "engine":
-        return _engine_build(build_dir, manifest, tokenizer)
+        return _engine_build(build_dir, manifest, tokenizer, build_id)
     files = [manifest["export"].get("model_file", "model.onnx"), manifest["export"].get("data_file")]
     missing = [n for n in files if n and not (build_dir / n).is_file()]
     if missing:
         raise TritonRepositoryError(f"{build_dir} has no ONNX model: {', '.join(missing)} missing; rebuild it")
-    if files[0] != "model.onnx":
-        raise TritonRepositoryError(f"{build_dir}: model file {files[0]!r}; Triton's ONNX Runtime backend wants model.onnx")
-    model_files = tuple((build_dir / n, n) for n in files if n) + ((tokenizer, tokenizer.name),)
-    return _Build(build_dir, manifest, "onnxruntime_onnx", model_files, (), (), tokenizer)
+    return _Build(build_dir, manifest, "onnxruntime", (), (), (), tokenizer, build_id)
 
 
-def _engine_build(build_dir: Path, manifest: dict, tokenizer: Path) -> _Build:
+def _engine_build(build_dir: Path, manifest: dict, tokenizer: Path, build_id: str) -> _Build:
     from mixtral_trt.runtime.backends.tensorrt import engine_spec
 
     spec = engine_spec(build_dir, manifest)  # plan present, plugins named, target known
@@ -154,7 +129,7 @@ def _engine_build(build_dir: Path, manifest: dict, tokenizer: Path) -> _Build:
             )
         libraries.append((path, path.name))
     return _Build(build_dir, manifest, "tensorrt_plan", ((spec.plan, "model.plan"),), tuple(libraries),
-                  tuple(bare), tokenizer)  # fmt: skip
+                  tuple(bare), tokenizer, build_id)  # fmt: skip
 
 
 def _check_io(build_dir: Path, manifest: dict) -> None:
@@ -229,7 +204,7 @@ def engine_config(build: _Build, name: str) -> str:
                 raise TritonRepositoryError(f"{e['name']}: dtype {e['dtype']!r} has no Triton type")
             tensors.append(_tensor(e["name"], _TYPES[e["dtype"]], *triton_dims(e, max_seq, batched=True)))
         blocks[key] = _block(key[:-1], tensors)
-    kind = " kind: KIND_GPU" if build.platform == "tensorrt_plan" else ""
+    kind = " kind: KIND_GPU"
     return (
         f'{_header(build)}name: "{name}"\nplatform: "{build.platform}"\nmax_batch_size: {max_batch}\n'
         f"{blocks['inputs']}\n{blocks['outputs']}\n"
@@ -239,21 +214,29 @@ def engine_config(build: _Build, name: str) -> str:
     )
 
 
-def text_model_config(build: _Build, name: str, engine_name: str, instances: int) -> str:
-    """config.pbtxt of the decoupled Python model (text in, streamed text out)."""
+def text_model_config(build: _Build, name: str, engine_name: str, instances: int, verify: bool = True) -> str:
+    """config.pbtxt of the decoupled Python model (text in, streamed text out): over the engine model
+    through BLS, or, for an ONNX Runtime build, loading the build in its own process."""
     optional = (("max_tokens", "TYPE_INT32"), ("temperature", "TYPE_FP32"), ("top_p", "TYPE_FP32"),
                 ("top_k", "TYPE_INT32"), ("seed", "TYPE_INT64"), ("stream", "TYPE_BOOL"))  # fmt: skip
     inputs = [_tensor("text_input", "TYPE_STRING", [1])] + [_tensor(n, t, [1], optional=True) for n, t in optional]
     outputs = [_tensor("text_output", "TYPE_STRING", [-1]), _tensor("output_ids", "TYPE_INT64", [-1])]
-    memory = "gpu" if build.platform == "tensorrt_plan" else "cpu"
-    params = {"engine_model": engine_name, "cache_memory": memory}
+    if build.platform == "tensorrt_plan":
+        params = {"engine_model": engine_name, "cache_memory": "gpu"}
+    else:  # the build stays where it is; the model checks at load that it is still the same build
+        params = {"build_dir": str(build.directory), "build_id": build.build_id, "verify": str(verify).lower()}
     return (
         f'{_header(build)}name: "{name}"\nbackend: "python"\nmax_batch_size: 0\n'
         "model_transaction_policy { decoupled: true }\n"
         f"{_block('input', inputs)}\n{_block('output', outputs)}\n"
         f"instance_group [ {{ count: {instances} kind: KIND_CPU }} ]\n"
-        + "".join(f'parameters {{ key: "{k}" value: {{ string_value: "{v}" }} }}\n' for k, v in params.items())
+        + "".join(f'parameters {{ key: "{k}" value: {{ string_value: "{_quoted(v)}" }} }}\n' for k, v in params.items())
     )
+
+
+def _quoted(value: str) -> str:
+    """A protobuf text-format string body (a build path may hold quotes or backslashes)."""
+    return value.replace("\\", "\\\\").replace('"', '\\"')
 
 
 # ---------------------------------------------------------------------------------------------
@@ -272,12 +255,16 @@ def serve_command(repo: Path, build: _Build, name: str) -> str:
 def write_repository(build_dir: str | Path, repo: str | Path, name: str = "mixtral", instances: int = 1,
                      plugin_libraries: list[str | Path] = (), verify: bool = True,
                      say: Callable[[str], None] | None = None) -> Path:  # fmt: skip
-    """Write ``<name>_engine`` and ``<name>`` into the Triton model repository ``repo``; return ``repo``.
+    """Write the models of ``build_dir`` into the Triton model repository ``repo``; return ``repo``.
 
+    ``build_dir`` may be the main job's OUT (the engine if Triton can serve it, else the ONNX
+    Runtime directory). An engine build gives ``<name>_engine`` and ``<name>``; an ONNX Runtime
+    build gives ``<name>`` alone, which loads the build from where it lies (keep it there).
     ``plugin_libraries``: C++ plugin libraries to ship beside an engine whose manifest names none
     (engines built with the Python plugin creator), e.g. ``libmixtral_trt_plugins.so``.
     Models already in ``repo`` stay untouched; a previous output of ours under the same names is
-    replaced version by version. Nothing is written when the build cannot be served.
+    replaced as a whole, or left as it was if this fails. Nothing is written when the build
+    cannot be served.
     """
     if not _NAME.match(name) or name.isdigit():
         raise TritonRepositoryError(f"model name {name!r}: use letters, digits, '_', '-', '.' (not only digits)")
@@ -286,36 +273,68 @@ def write_repository(build_dir: str | Path, repo: str | Path, name: str = "mixtr
     repo = Path(repo).resolve()
     if repo.exists() and not repo.is_dir():
         raise TritonRepositoryError(f"model repository {repo} exists and is not a directory")
-    build = _with_libraries(inspect_build(build_dir, verify=verify), plugin_libraries)
+    build = _with_libraries(inspect_build(resolve(build_dir)[0], verify=verify), plugin_libraries)
     engine_name = f"{name}_engine"
     for model in (engine_name, name):
         _check_ours(repo / model)
-    models = {
-        engine_name: (engine_config(build, engine_name), _engine_files(build)),
-        name: (text_model_config(build, name, engine_name, instances), _text_files(build)),
-    }
+    text = (text_model_config(build, name, engine_name, instances, verify), _text_files(build), _copy)
+    if build.platform == "tensorrt_plan":
+        models = {engine_name: (engine_config(build, engine_name), _engine_files(build), _link_or_copy), name: text}
+    else:
+        models = {name: text}
+    retired = [repo / engine_name] if engine_name not in models and (repo / engine_name).exists() else []
     new_dirs = [d for d in (repo, *(repo / m for m in models)) if not d.exists()]
     repo.mkdir(parents=True, exist_ok=True)
-    staged = []
+    for model in (engine_name, name):
+        triton_swap.remove_leftovers(repo / model)  # of runs that were killed
+    _apply(repo, models, retired, new_dirs)
+    command = serve_command(repo, build, name)
+    atomic_write_text(repo / name / "README.md", readme(build, repo, name, command))
+    if say is not None:
+        say(f"Triton model repository: {repo} (models {', '.join(models)})")
+        say(f"start it:  {command}")
+    return repo
+
+
+def _apply(repo: Path, models: dict, retired: list[Path], new_dirs: list[Path]) -> None:
+    """Stage every version, then swap them in (engine first) and retire models of ours the new layout
+    lacks; on any failure undo the swaps, so the previous repository stays."""
+    staged, change = [], triton_swap.Change()
     try:
-        for model, (_, files) in models.items():
-            staged.append(_stage_version(repo / model, files))
-        for (model, (config, _)), stage in zip(models.items(), staged):
-            _write_if_changed(repo / model / "config.pbtxt", config)  # first: Triton never guesses a config
-            _swap_in(stage, repo / model / VERSION)
+        for model, (_, files, copy) in models.items():
+            staged.append(triton_swap.stage_version(repo / model, files, copy))
+        for (model, (config, _, _)), stage in zip(models.items(), staged):
+            _swap_in(change, repo / model, config, stage)
+        for model_dir in retired:
+            change.retire(model_dir)
     except BaseException:
+        change.rollback()
         for path in staged:
             shutil.rmtree(path, ignore_errors=True)
         for path in reversed(new_dirs):  # directories this call created and left empty
             with contextlib.suppress(OSError):
                 path.rmdir()
         raise
-    command = serve_command(repo, build, name)
-    atomic_write_text(repo / name / "README.md", readme(build, repo, name, command))
-    if say is not None:
-        say(f"Triton model repository: {repo} (models {engine_name}, {name})")
-        say(f"start it:  {command}")
-    return repo
+    change.commit()
+
+
+def _swap_in(change: triton_swap.Change, model_dir: Path, config: str, stage: Path) -> None:
+    """One model's config and version (a seam for tests that interrupt between two models)."""
+    change.swap(model_dir, config, stage)
+
+
+def resolve(build_dir: str | Path) -> tuple[Path, str | None]:
+    """The build to serve for ``build_dir`` (a build, or the main job's OUT) and a line saying which."""
+    from .pipeline import resolve_build
+
+    def servable(directory: Path) -> str | None:
+        try:
+            inspect_build(directory, verify=False)
+        except (TritonRepositoryError, ManifestError) as exc:
+            return str(exc).split(";")[0]
+        return None
+
+    return resolve_build(build_dir, "any", accept=servable)
 
 
 def _with_libraries(build: _Build, paths: list[str | Path]) -> _Build:
@@ -345,138 +364,47 @@ def _check_ours(model_dir: Path) -> None:
         )
 
 
-def _engine_files(build: _Build) -> list[tuple[Path, str]]:
-    return [*build.model_files, *build.plugin_libraries]
+def _build_record(build: _Build) -> str:
+    """mixtral_build.json: which build a version directory belongs to (compared by the text model)."""
+    return json.dumps({"build_id": build.build_id, "build_dir": str(build.directory),
+                       "stage": build.manifest["stage"]}, indent=2) + "\n"  # fmt: skip
 
 
-def _text_files(build: _Build) -> list[tuple[Path, str] | tuple[str, str]]:
+def _engine_files(build: _Build) -> list[tuple[Path | str, str]]:
+    return [*build.model_files, *build.plugin_libraries, (_build_record(build), BUILD_FILE)]
+
+
+def _text_files(build: _Build) -> list[tuple[Path | str, str]]:
+    record = (_build_record(build), BUILD_FILE)
+    if build.platform != "tensorrt_plan":  # loads the build itself: tokenizer and weights stay there
+        return [(MODEL_PY, "model.py"), record]
     manifest = json.dumps(build.manifest, indent=2) + "\n"
-    return [(MODEL_PY, "model.py"), (build.tokenizer, build.tokenizer.name), (manifest, "build_manifest.json")]
-
-
-def _stage_version(model_dir: Path, files) -> Path:
-    """A hidden directory inside ``model_dir`` holding the whole version (Triton skips non-numeric names)."""
-    model_dir.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=".partial-", dir=model_dir))
-    os.chmod(stage, 0o755)
-    try:
-        for source, dest in files:
-            if isinstance(source, str):
-                (stage / dest).write_text(source)
-            else:
-                _link_or_copy(source, stage / dest)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
-    return stage
+    return [(MODEL_PY, "model.py"), (build.tokenizer, build.tokenizer.name), (manifest, "build_manifest.json"), record]
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
-    """Hard-link (weights are tens of GB; builds replace files by rename, never in place), else copy."""
+    """Hard-link an engine's files (the plan is tens of GB and not ONNX, so no loader refuses a linked
+    one; builds replace files by rename, never in place), else copy."""
     try:
         os.link(src, dst)
     except OSError:
         shutil.copy2(src, dst)
 
 
-def _write_if_changed(path: Path, text: str) -> None:
-    with contextlib.suppress(OSError):
-        if path.read_text() == text:
-            return  # an unchanged config would still make a polling server reload the model
-    atomic_write_text(path, text)
-
-
-def _swap_in(stage: Path, final: Path) -> None:
-    """Put ``stage`` at ``final`` in one step: an atomic exchange where the OS has one (Linux
-    renameat2), else two renames with a moment in which the version is absent (never half-written)."""
-    if not final.exists():
-        os.rename(stage, final)
-        return
-    if not _exchange(stage, final):
-        old = final.parent / f".old-{os.getpid()}-{final.name}"
-        os.rename(final, old)
-        os.rename(stage, final)
-        stage = old
-    shutil.rmtree(stage, ignore_errors=True)  # now holds the previous version
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        renameat2 = libc.renameat2
-    except (OSError, AttributeError):
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+def _copy(src: Path, dst: Path) -> None:
+    """The text model's small files are copied."""
+    shutil.copy2(src, dst)
 
 
 # ---------------------------------------------------------------------------------------------
-# README and command line
-
-
-def readme(build: _Build, repo: Path, name: str, command: str) -> str:
-    engine = f"{name}_engine"
-    cfg, export = build.manifest["config"], build.manifest["export"]
-    kind = "TensorRT engine" if build.platform == "tensorrt_plan" else "ONNX Runtime model"
-    parts = [
-        f"# Triton model repository: `{name}`",
-        (f"Written by mixtral-trt from `{build.directory}` ({kind}, {cfg['num_hidden_layers']} layers, vocab "
-         f"{cfg['vocab_size']}, max_batch {export['max_batch']}, max_seq_len {export['max_seq_len']})."),
-        (f"- `{engine}/`: platform `{build.platform}`, one forward step of the graph (inputs `input_ids`, "
-         "`position_ids`, `write_indices`, `past_key_values.*`; outputs `logits`, `present.*`).\n"
-         f"- `{name}/`: Python backend, decoupled. Inputs `text_input` (string), optional `max_tokens`, "
-         "`temperature`, `top_p`, `top_k`, `seed`, `stream`; outputs `text_output` and `output_ids`. It "
-         f"tokenizes, runs prefill and decode against `{engine}` through BLS, samples and streams text."),
-        "## Start",
-        f"```bash\n{command}\n```",
-        *_plugin_section(build, repo, name),
-        ("The Python model imports `mixtral_trt`: Triton's Python environment needs `pip install mixtral-trt` "
-         "(or `PYTHONPATH` pointing at an installed tree; at run time it uses numpy and sentencepiece, plus "
-         "torch with CUDA when the cache is kept on the GPU). Run Triton's container with a large enough "
-         "`--shm-size`: tensors in host memory travel between Triton and the Python model through shared memory."),
-        "## Ask",
-        (f"```bash\ncurl -s localhost:8000/v2/models/{name}/generate -d "
-         "'{\"text_input\": \"The capital of France is\", \"max_tokens\": 32}'\n"
-         f"curl -sN localhost:8000/v2/models/{name}/generate_stream -d "
-         "'{\"text_input\": \"Once upon a time\", \"max_tokens\": 64, \"stream\": true, \"temperature\": 0.8, "
-         "\"seed\": 7}'\n```"),
-        ("Without `temperature`, `top_p` or `top_k` decoding is greedy, as `mixtral-build generate`. With "
-         "`stream` true each token is its own response (`text_output` is the new text, `output_ids` the "
-         f"token); otherwise one response carries the whole text. Concurrency: each of the `{name}` model's "
-         "instances (config `instance_group`) serves one request at a time with its own cache."),
-        "## KV cache",
-        KV_CACHE_DOC.format(name=name).replace("\n", " "),
-    ]  # fmt: skip
-    if build.platform == "tensorrt_plan":
-        parts.append(ALIASING_DOC.replace("\n", " "))
-    return "\n\n".join(parts) + "\n"
-
-
-def _plugin_section(build: _Build, repo: Path, name: str) -> list[str]:
-    if build.platform != "tensorrt_plan":
-        return []
-    parts = []
-    if build.plugin_libraries:
-        paths = ", ".join(f"`{repo / f'{name}_engine' / VERSION / n}`" for _, n in build.plugin_libraries)
-        parts.append(f"The engine's plugin library ships beside it: {paths}. Triton's TensorRT backend loads it "
-                     "through `--backend-config=tensorrt,plugins=…` as above (or `LD_PRELOAD=<that path>`).")  # fmt: skip
-    if build.plugins_without_library:
-        parts.append(
-            f"The engine needs the plugin(s) {', '.join(build.plugins_without_library)}, which the build "
-            "registered from Python (no library in its manifest). Triton cannot run Python plugin creators: "
-            f"build the C++ plugin library `{PLUGIN_LIBRARY}` from `plugins/moe_top2` with CMake "
-            "(`cmake -S plugins/moe_top2 -B build/plugins -DTensorRT_INCLUDE_DIR=<dir of NvInferRuntime.h> "
-            "-DCMAKE_CUDA_ARCHITECTURES=90a && cmake --build build/plugins`), then either rewrite this repository "
-            f"with `mixtral-build triton ... --plugin-library build/plugins/{PLUGIN_LIBRARY}` (it ships beside the "
-            "engine and the command above names it) or start tritonserver with "
-            f"`--backend-config=tensorrt,plugins=/abs/path/{PLUGIN_LIBRARY}` (or `LD_PRELOAD` it)."
-        )
-    return parts
+# Command line
 
 
 def triton_command():
     """``mixtral-build triton``: a click command to add with ``main.add_command``."""
     import click
+
+    from .pipeline import PipelineError
 
     @click.command("triton")
     @click.argument("build_dir", type=click.Path(path_type=Path))
@@ -488,18 +416,25 @@ def triton_command():
                   help="Instances of the text model (concurrent requests, one KV cache each).")
     @click.option("--plugin-library", "plugin_libraries", multiple=True, type=click.Path(path_type=Path),
                   help="C++ TensorRT plugin library to ship beside the engine (libmixtral_trt_plugins.so); repeatable.")
-    @click.option("--no-verify", is_flag=True, help="Skip re-hashing the build's files against its manifest.")
+    @click.option("--no-verify", is_flag=True,
+                  help="Skip re-hashing the build's files against its manifest (now, and when Triton loads it).")
     def triton(build_dir, repo, name, instances, plugin_libraries, no_verify):  # fmt: skip
         """Write a Triton Inference Server model repository for an engine or ONNX Runtime build.
 
-        Two models: NAME_engine (tensorrt_plan or onnxruntime_onnx, one forward step) and NAME (Python
-        backend, decoupled: tokenizes, drives prefill and decode through BLS, streams text). Prints the
-        tritonserver command line; REPO/NAME/README.md says the same and how to call it.
+        BUILD_DIR is a build or the main job's OUT (its engine if Triton can serve it, else its ONNX
+        Runtime directory). An engine gives two models: NAME_engine (tensorrt_plan, one forward step)
+        and NAME (Python backend, decoupled: tokenizes, drives prefill and decode through BLS, streams
+        text). An ONNX Runtime build gives NAME alone, which loads the build in its process from where
+        it lies (nothing copied; keep it there). Prints the tritonserver command line; REPO/NAME/README.md
+        says the same and how to call it.
         """
         try:
+            build_dir, why = resolve(build_dir)
+            if why:
+                click.echo(why, err=True)
             write_repository(build_dir, repo, name=name, instances=instances, plugin_libraries=list(plugin_libraries),
                              verify=not no_verify, say=click.echo)  # fmt: skip
-        except (TritonRepositoryError, ManifestError) as exc:
+        except (TritonRepositoryError, ManifestError, PipelineError) as exc:
             raise click.ClickException(str(exc)) from None
 
     return triton

@@ -486,14 +486,11 @@ def _stream_writer(module, plan_file: _PlanFile, interrupt: trt_compat.Interrupt
 
 
 def _link_side_files(src_dir: Path, dst: Path, model_path: Path, parsed: ParsedNetwork) -> None:
-    """Tokenizer and config files come along (hard links); the graph and its weights do not."""
+    """Tokenizer and config files come along (copies: they are small); the graph and its weights do not."""
     skip = {model_path.name, "manifest.json"} | _external_files(model_path)
     for path in src_dir.iterdir():
         if path.is_file() and path.name not in skip and not path.name.startswith(".") and path.suffix != ".onnx":
-            try:
-                os.link(path, dst / path.name)
-            except OSError:
-                shutil.copyfile(path, dst / path.name)
+            shutil.copyfile(path, dst / path.name)
 
 
 def _external_files(model_path: Path) -> set[str]:

@@ -6,7 +6,12 @@ experts, or, with ``moe="decomposed"``, a dense decomposition into standard opse
 any ONNX runtime runs (the portable reference; it computes every expert). The router logits
 are computed in fp32 whatever the activation dtype, as MoETop2 defines them.
 Weights are not rewritten: layout changes are graph ops on initializers, which runtimes
-fold once at load time, so the lowered model shares its source's data file.
+fold once at load time. The lowered model still needs a data file of its own beside it: ONNX
+resolves external data inside the model's directory only, and onnx >= 1.22 refuses a data file
+with several hard links. So :func:`lower_dir` moves the data out of a source that is about to be
+deleted (``data="move"``, what ``optimize --target onnxruntime`` does with its staging directory),
+copies it only when asked (``data="copy"``), and otherwise refuses: ONNX Runtime lowers a
+canonical directory in memory when it loads it, with no second copy of the weights on disk.
 """
 
 from __future__ import annotations
@@ -227,11 +232,19 @@ def lower_for_onnxruntime(model: onnx.ModelProto, moe: str = "contrib") -> onnx.
     return out
 
 
+DATA_MODES = ("move", "copy")
+
+
 def lower_dir(src_dir: str | Path, out_dir: str | Path, target: str = "onnxruntime", moe: str = "contrib",
-              verify: bool = True) -> Path:  # fmt: skip
+              data: str | None = None, verify: bool = True) -> Path:  # fmt: skip
     """Write an ONNX Runtime model for an export or a canonical precision output ('optimize' stage,
-    target 'canonical'); the data file is hard-linked, not copied. ``verify`` re-hashes the source's
-    files first: their hashes are carried into the new manifest, which must not vouch for altered files."""
+    target 'canonical').
+
+    ``data``: how the weights reach ``out_dir`` — "move" renames the source's data file into it
+    (the source is a staging directory about to be deleted), "copy" copies it; None refuses,
+    naming both ways and the in-memory lowering that needs neither. ``verify`` re-hashes the
+    source's files first: their hashes are carried into the new manifest, which must not vouch
+    for altered files."""
     if target != "onnxruntime":
         raise LoweringError(f"target {target!r}: lower_dir lowers for 'onnxruntime' only")
     src_dir, out_dir = Path(src_dir), Path(out_dir)
@@ -242,8 +255,16 @@ def lower_dir(src_dir: str | Path, out_dir: str | Path, target: str = "onnxrunti
             f"{src_dir} is already lowered for {previous.get('target')!r}; lower an export or a precision "
             "output (optimize target 'canonical') instead"
         )
-    check_output_dir(out_dir, "optimize")
     info = manifest["export"]
+    if data not in DATA_MODES:
+        size = (src_dir / info["data_file"]).stat().st_size if (src_dir / info["data_file"]).is_file() else 0
+        raise LoweringError(
+            f"lower_dir({src_dir}, {out_dir}, data={data!r}): the lowered model needs its own {info['data_file']} "
+            f"({size / 2**20:.1f} MiB; ONNX refuses hard-linked data files). Pass data='copy' to copy it, "
+            f"data='move' if {src_dir} is about to be deleted, or skip lowering: ONNX Runtime lowers {src_dir} "
+            "in memory when it loads it (runtime.load, mixtral-build generate)"
+        )
+    check_output_dir(out_dir, "optimize")
     model = onnx.load(str(src_dir / info["model_file"]), load_external_data=False)
     check_external_data(src_dir / info["model_file"], model)
     lowered = lower_for_onnxruntime(model, moe)
@@ -251,7 +272,10 @@ def lower_dir(src_dir: str | Path, out_dir: str | Path, target: str = "onnxrunti
         (tmp / info["model_file"]).write_bytes(lowered.SerializeToString())
         for path in src_dir.iterdir():
             if path.is_file() and path.name not in (info["model_file"], MANIFEST):
-                _link_or_copy(path, tmp / path.name)
+                if path.name == info["data_file"] and data == "move":
+                    os.replace(path, tmp / path.name)  # one inode, one link: written once, never shared
+                else:
+                    shutil.copyfile(path, tmp / path.name)  # small files, or the data when asked to copy
         body = {k: v for k, v in manifest.items() if k not in ("format", "format_version", "stage", "files", "tools")}
         body["optimize"] = {
             **{k: v for k, v in previous.items() if k not in ("target", "source")},  # precision, int8 options
@@ -265,13 +289,6 @@ def lower_dir(src_dir: str | Path, out_dir: str | Path, target: str = "onnxrunti
     return out_dir
 
 
-def lower_export_dir(export_dir: str | Path, out_dir: str | Path, moe: str = "contrib") -> Path:
-    """``lower_dir(export_dir, out_dir, "onnxruntime", moe)``, under its earlier name."""
-    return lower_dir(export_dir, out_dir, "onnxruntime", moe)
-
-
-def _link_or_copy(src: Path, dst: Path) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copyfile(src, dst)
+def lower_export_dir(export_dir: str | Path, out_dir: str | Path, moe: str = "contrib", data: str | None = None) -> Path:
+    """``lower_dir(export_dir, out_dir, "onnxruntime", moe, data)``, under its earlier name."""
+    return lower_dir(export_dir, out_dir, "onnxruntime", moe, data)

@@ -453,10 +453,9 @@ def check_graph(path: Path) -> None:
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copyfile(src, dst)
+    """Small side files (tokenizer, config) are copied, not hard-linked: a file with several links is
+    what onnx's loader refuses for data, and no tool then needs to tell the two cases apart."""
+    shutil.copyfile(src, dst)
 
 
 def _progress(enabled: bool, total: int, desc: str):

@@ -24,40 +24,41 @@ def test_default_build_makes_every_artifact_then_reuses_them(tmp_path):
     out = tmp_path / "b"
     first = _run("--precision", "fp16", "--target", "tensorrt-rtx", "--out", str(out))
     assert first.exit_code == 0, first.output
-    for stage in ("export", "fp16", "onnxruntime", "engine"):
+    for stage in ("export", "fp16", "engine"):
         assert (out / stage / "manifest.json").is_file(), stage
-    assert (out / "engine" / "model.plan").is_file()
-    assert "try it:  mixtral-build generate" in first.output
+    assert (out / "engine" / "model.plan").is_file() and not (out / "onnxruntime").exists()
+    assert f"try it:  mixtral-build generate {out} --prompt" in first.output
     record = json.loads((out / "build.json").read_text())
-    assert set(record) == {"export", "precision fp16", "onnxruntime model", "tensorrt-rtx engine"}
+    assert set(record) == {"export", "precision fp16", "tensorrt-rtx engine"}
+    assert [record[s]["serves"] for s in record] == [None, "onnxruntime", "tensorrt"]
     second = _run("--precision", "fp16", "--target", "tensorrt-rtx", "--out", str(out))
     assert second.exit_code == 0, second.output
-    assert second.output.count("reused") == 4 + 4  # progress lines and summary rows
+    assert second.output.count("reused") == 3 + 3  # progress lines and summary rows
 
 
 def test_interrupted_build_resumes_at_the_unfinished_stage(tmp_path, monkeypatch):
-    from mixtral_trt.optimize import lowering
+    from mixtral_trt.optimize import precision
 
     out = tmp_path / "b"
-    real = lowering.lower_dir
+    real = precision.convert
 
     def fail(*args, **kwargs):
         raise KeyboardInterrupt  # as if the user pressed Ctrl-C during this stage
 
-    monkeypatch.setattr(lowering, "lower_dir", fail)
+    monkeypatch.setattr(precision, "convert", fail)
     interrupted = _run("--precision", "int8", "--target", "onnxruntime", "--out", str(out))
     assert interrupted.exit_code != 0
-    assert (out / "export" / "manifest.json").is_file() and not (out / "onnxruntime").exists()
-    monkeypatch.setattr(lowering, "lower_dir", real)
+    assert (out / "export" / "manifest.json").is_file() and not (out / "int8").exists()
+    monkeypatch.setattr(precision, "convert", real)
     resumed = _run("--precision", "int8", "--target", "onnxruntime", "--out", str(out))
     assert resumed.exit_code == 0, resumed.output
     assert "reused: " + str(out / "export") in resumed.output
-    assert (out / "onnxruntime" / "manifest.json").is_file()
+    assert (out / "int8" / "manifest.json").is_file()
     # Changing an option invalidates the stages that depend on it, and only those.
     again = _run("--precision", "int8", "--target", "onnxruntime", "--out", str(out), "--fp16-attention")
     assert again.exit_code == 0, again.output
     assert "reused: " + str(out / "export") in again.output
-    assert "done: " + str(out / "int8") in again.output and "done: " + str(out / "onnxruntime") in again.output
+    assert "done: " + str(out / "int8") in again.output
     from mixtral_trt.manifest import read_manifest
 
     assert read_manifest(out / "int8", "optimize")["optimize"]["int8"]["attention"] is False

@@ -21,7 +21,7 @@ def test_python_api_example_runs(tmp_path, capsys):
     [example] = [b for b in _python_blocks() if "runtime.load" in b]
     build = re.search(r'runtime\.load\("([^"]+)"\)', example).group(1)
     export(default_tiny(), tmp_path / "export", max_seq_len=64, progress=False)
-    lower_dir(tmp_path / "export", tmp_path / build)
+    lower_dir(tmp_path / "export", tmp_path / build, data="copy")
     cwd = os.getcwd()
     os.chdir(tmp_path)
     try:

@@ -1,15 +1,24 @@
-"""Triton Python-backend model (decoupled): text in, streamed text out, over the engine model.
+"""Triton Python-backend model (decoupled): text in, streamed text out.
 
 Written into the repository by ``mixtral-build triton``; the logic is mixtral_trt's own runtime
-(Generator, Tokenizer, sampling), with each forward step a BLS request to the engine model.
-Triton's Python environment needs ``pip install mixtral-trt`` (or PYTHONPATH to an installed tree).
+(Generator, Tokenizer, sampling). Over an engine model each forward step is a BLS request to it;
+for an ONNX Runtime build the model loads the build in this process (config parameter build_dir).
+Triton's Python environment needs mixtral_trt installed from a checkout or a wheel built from
+one (``pip install /path/to/mixtral-trt``).
 """
 
 import json
 from pathlib import Path
 
 import triton_python_backend_utils as pb_utils
-from mixtral_trt.runtime.backends.triton_bls import TritonBlsBackend, error_response, request_params, text_response
+from mixtral_trt.runtime.backends.triton_bls import (
+    TritonBlsBackend,
+    check_pair,
+    error_response,
+    load_in_process,
+    request_params,
+    text_response,
+)
 from mixtral_trt.runtime.generator import GenerationError, Generator
 from mixtral_trt.runtime.tokenizer import Tokenizer
 
@@ -23,6 +32,11 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         version_dir = Path(args["model_repository"]) / args["model_version"]
+        if "build_dir" in params:  # an ONNX Runtime build, run in this process
+            self.generator = load_in_process(version_dir, params)
+            return
+        # The engine model beside this one must be of the same build (refused with both ids otherwise).
+        check_pair(version_dir, Path(args["model_repository"]).parent / params["engine_model"] / "1")
         manifest = json.loads((version_dir / "build_manifest.json").read_text())
         backend = TritonBlsBackend(pb_utils, params["engine_model"], manifest, cache_memory=params["cache_memory"],
                                    device_id=int(args.get("model_instance_device_id") or 0))  # fmt: skip

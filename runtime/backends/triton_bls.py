@@ -16,11 +16,16 @@ which exists only inside Triton) is passed in, so this module imports anywhere.
 
 from __future__ import annotations
 
+import hashlib
+import json
+from pathlib import Path
+
 import numpy as np
 
 from ..generator import GenerationError
 from ..sampling import SamplingParams
 
+BUILD_FILE = "mixtral_build.json"  # in every version directory mixtral-build triton writes: which build
 CACHE_MEMORY = ("cpu", "gpu")
 DEFAULT_MAX_TOKENS = 32
 _NUMPY = {"float32": np.float32, "float16": np.float16}
@@ -133,6 +138,66 @@ def _torch():
             "(with CUDA) in Triton's Python environment"
         ) from exc
     return torch
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading the text model: the build it belongs to
+
+
+class TritonModelMismatch(GenerationError):
+    """The repository's models, or the model and the build it loads, come from different builds."""
+
+
+def build_record(version_dir: Path) -> dict:
+    path = Path(version_dir) / BUILD_FILE
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise TritonModelMismatch(f"{path} is missing or unreadable ({exc}); rerun `mixtral-build triton`") from None
+    if not isinstance(record, dict) or not isinstance(record.get("build_id"), str):
+        raise TritonModelMismatch(f"{path} names no build_id; rerun `mixtral-build triton`")
+    return record
+
+
+def check_pair(version_dir: Path, engine_version_dir: Path) -> dict:
+    """The text model's build record, after checking that the engine model beside it is of the same build
+    (an interrupted `mixtral-build triton` can leave one model of each)."""
+    ours, theirs = build_record(version_dir), build_record(engine_version_dir)
+    if ours["build_id"] != theirs["build_id"]:
+        raise TritonModelMismatch(
+            f"text model {version_dir} is from build {ours['build_id'][:16]} ({ours.get('build_dir')}) but the "
+            f"engine model {engine_version_dir} is from build {theirs['build_id'][:16]} ({theirs.get('build_dir')}): "
+            "the repository was left half-written. Rerun `mixtral-build triton BUILD --out REPO` to finish it"
+        )
+    return ours
+
+
+def load_in_process(version_dir: Path, params: dict):
+    """The generator of an ONNX Runtime build loaded in this process (config parameters build_dir,
+    build_id, verify), after checking that the build at build_dir is the one the repository names."""
+    ours = build_record(version_dir)
+    build_dir, build_id = Path(params["build_dir"]), params["build_id"]
+    if ours["build_id"] != build_id:
+        raise TritonModelMismatch(
+            f"{version_dir} is from build {ours['build_id'][:16]} but its config.pbtxt names build {build_id[:16]}: "
+            "the repository was left half-written. Rerun `mixtral-build triton BUILD --out REPO` to finish it"
+        )
+    try:
+        actual = hashlib.sha256((build_dir / "manifest.json").read_bytes()).hexdigest()
+    except OSError as exc:
+        raise TritonModelMismatch(
+            f"the build this model serves, {build_dir} (config parameter build_dir), cannot be read ({exc}); "
+            "the repository references the build where it was: put it back, or rerun `mixtral-build triton` "
+            "with its new path"
+        ) from None
+    if actual != build_id:
+        raise TritonModelMismatch(
+            f"{build_dir} is now build {actual[:16]}, not build {build_id[:16]} that this repository was written "
+            "for (rebuilt since?); rerun `mixtral-build triton` on it"
+        )
+    from mixtral_trt import runtime
+
+    return runtime.load(build_dir, verify=params.get("verify", "true") != "false").generator
 
 
 # ---------------------------------------------------------------------------------------------

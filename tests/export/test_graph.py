@@ -212,7 +212,7 @@ def test_bf16_export_runs_on_onnxruntime_like_transformers(bf16):
     from mixtral_trt.optimize.lowering import lower_export_dir
 
     ckpt, export_dir, root = bf16
-    lowered = lower_export_dir(export_dir, root / "ort")
+    lowered = lower_export_dir(export_dir, root / "ort", data="copy")
     session = ort.InferenceSession(str(lowered / "model.onnx"), providers=["CPUExecutionProvider"])
     B, S, K, D = 2, 6, SMALL["num_key_value_heads"], SMALL["hidden_size"] // SMALL["num_attention_heads"]
     ids = np.random.default_rng(0).integers(3, SMALL["vocab_size"], (B, S))

@@ -34,7 +34,7 @@ def built(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(request.param)
     ckpt = make_checkpoint(root / "ckpt", seed=len(request.param), **SHAPES[request.param])
     export(ckpt, root / "export", max_batch=4, max_seq_len=MAX_SEQ, progress=False)
-    lowered = lower_export_dir(root / "export", root / "ort")
+    lowered = lower_export_dir(root / "export", root / "ort", data="copy")
     hf = transformers.MixtralForCausalLM.from_pretrained(ckpt, dtype=torch.float32, attn_implementation="eager")
     session = ort.InferenceSession(str(lowered / "model.onnx"), providers=["CPUExecutionProvider"])
     return hf.eval(), session

@@ -35,24 +35,43 @@ def _prefill(model_path, cfg_layers=2, kv=2, head_dim=32):
 
 
 @pytest.mark.parametrize("moe", ["contrib", "decomposed"])
-def test_lowered_graph_has_no_custom_op_and_shares_weights(export_dir, tmp_path, moe):
+def test_lowered_graph_has_no_custom_op_and_its_own_weights(export_dir, tmp_path, moe):
     from mixtral_trt.manifest import read_manifest
     from mixtral_trt.optimize.lowering import lower_export_dir
 
-    out = lower_export_dir(export_dir, tmp_path / moe, moe=moe)
+    out = lower_export_dir(export_dir, tmp_path / moe, moe=moe, data="copy")
     model = onnx.load(str(out / "model.onnx"), load_external_data=False)
     assert not [n for n in model.graph.node if n.domain == moe_op.MOE_DOMAIN]
     assert {o.domain for o in model.opset_import} == ({"", "com.microsoft"} if moe == "contrib" else {""})
-    assert (out / "model.onnx.data").stat().st_ino == (export_dir / "model.onnx.data").stat().st_ino
+    assert (out / "model.onnx.data").stat().st_nlink == 1 == (export_dir / "model.onnx.data").stat().st_nlink
     manifest = read_manifest(out, "optimize")  # verifies every file's sha256
     assert manifest["optimize"]["moe"] == moe
+    onnx.checker.check_model(str(out / "model.onnx"))  # onnx refuses a multiply-linked data file
+
+
+def test_lower_dir_moves_or_copies_the_data_only_when_asked(export_dir, tmp_path):
+    import shutil
+
+    from mixtral_trt.manifest import read_manifest
+    from mixtral_trt.optimize.lowering import lower_dir
+
+    with pytest.raises(ValueError, match="data='copy'.*data='move'.*in memory when it loads it"):
+        lower_dir(export_dir, tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
+    staging = tmp_path / "staging"
+    shutil.copytree(export_dir, staging)
+    inode = (staging / "model.onnx.data").stat().st_ino
+    out = lower_dir(staging, tmp_path / "moved", data="move")
+    assert (out / "model.onnx.data").stat().st_ino == inode and not (staging / "model.onnx.data").exists()
+    assert (out / "model.onnx.data").stat().st_nlink == 1
+    read_manifest(out, "optimize")  # every sha256 still matches
 
 
 def test_contrib_and_decomposed_agree_with_the_eager_op(export_dir, tmp_path):
     from mixtral_trt.optimize.lowering import lower_export_dir
 
-    contrib = _prefill(lower_export_dir(export_dir, tmp_path / "c", "contrib") / "model.onnx")
-    dense = _prefill(lower_export_dir(export_dir, tmp_path / "d", "decomposed") / "model.onnx")
+    contrib = _prefill(lower_export_dir(export_dir, tmp_path / "c", "contrib", "copy") / "model.onnx")
+    dense = _prefill(lower_export_dir(export_dir, tmp_path / "d", "decomposed", "copy") / "model.onnx")
     np.testing.assert_allclose(contrib, dense, atol=1e-5, rtol=0)
 
 

@@ -1,5 +1,7 @@
-"""A stand-in ``triton_python_backend_utils`` for tests: BLS requests run the repository's ONNX
-model in process with onnxruntime, checked against its config.pbtxt as Triton would."""
+"""A stand-in ``triton_python_backend_utils`` for tests: BLS requests run the repository's engine
+model in process with onnxruntime, checked against its config.pbtxt as Triton would. An engine
+model (``tensorrt_plan``) runs as the ONNX graph its plan was built from (the engine manifest's
+``source.directory``, lowered for ONNX Runtime as the runtime does), a stand-in for TensorRT."""
 
 from __future__ import annotations
 
@@ -72,6 +74,8 @@ class FakeTriton:
             self.configs[config.name] = config
             if config.platform == "onnxruntime_onnx":
                 self.sessions[config.name] = ort.InferenceSession(str(config_path.parent / "1" / "model.onnx"))
+            elif config.platform == "tensorrt_plan":
+                self.sessions[config.name] = _plan_session(ort, config_path.parent / "1")
 
     def run(self, request) -> object:
         config, inputs = self.configs.get(request.model_name), {}
@@ -101,6 +105,19 @@ class FakeTriton:
             data = __import__("torch").from_numpy(value) if device else value
             outputs.append(Tensor(name, data, device=device))
         return Response(outputs)
+
+
+def _plan_session(ort, version_dir: Path):
+    """An ONNX Runtime session of the graph an engine model's plan was built from."""
+    import json
+
+    from mixtral_trt.manifest import read_manifest
+    from mixtral_trt.runtime.backends.onnxruntime import _model_bytes
+
+    build = Path(json.loads((version_dir / "mixtral_build.json").read_text())["build_dir"])
+    source = Path(read_manifest(build, verify=False)["source"]["directory"])
+    options = ort.SessionOptions()
+    return ort.InferenceSession(_model_bytes(source, read_manifest(source, verify=False), options), options)
 
 
 class Response:

@@ -46,7 +46,7 @@ def builds(tmp_path_factory):
     root = tmp_path_factory.mktemp("triton")
     ckpt = make_checkpoint(root / "ckpt", seed=5, num_hidden_layers=2, hidden_size=64, intermediate_size=96)
     exported = export(ckpt, root / "export", max_batch=MAX_BATCH, max_seq_len=MAX_SEQ, progress=False)
-    return exported, lower_export_dir(exported, root / "ort")
+    return exported, lower_export_dir(exported, root / "ort", data="copy")
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +66,7 @@ def engine_dir(root: Path, source: Path, io: dict | None = None, tokenizer: Path
     (root / "model.plan").write_bytes(b"not a real plan")
     shutil.copy(tokenizer or source / "tokenizer.model", root)
     body = {"config": src["config"], "export": src["export"], "io": io or src["io"],
+            "source": {"directory": str(source.resolve()), "stage": src["stage"]},
             "engine": {"plan_file": "model.plan", "target": "tensorrt", "trt_version": "11.0.0",
                        "cache_update": "copy", **engine}}  # fmt: skip
     write_manifest(root, "engine", body)
@@ -103,19 +104,10 @@ def assert_config_matches(config, manifest: dict) -> None:
 # Configs
 
 
-def test_ort_repository_configs_parse_and_match_the_io_table(tmp_path, ort_build, pb2):
+def test_ort_repository_is_one_in_process_model_without_onnx_files(tmp_path, ort_build, pb2):
     repo = write_repository(ort_build, tmp_path / "repo")
-    manifest = read_manifest(ort_build)
-    engine = parse_config(pb2, repo / "mixtral_engine" / "config.pbtxt")
-    assert (engine.name, engine.platform) == ("mixtral_engine", "onnxruntime_onnx")
-    assert_config_matches(engine, manifest)
-    write = next(t for t in engine.input if t.name == "write_indices")
-    assert list(write.dims) == [1] and write.HasField("reshape") and list(write.reshape.shape) == []
-    assert next(t for t in engine.input if t.name == "past_key_values.0.key").dims[1] == MAX_SEQ
-    version = repo / "mixtral_engine" / "1"
-    assert sorted(p.name for p in version.iterdir()) == ["model.onnx", "model.onnx.data", "tokenizer.model"]
-    assert sha256_file(version / "model.onnx.data") == manifest["files"]["model.onnx.data"]["sha256"]
-
+    assert sorted(p.name for p in repo.iterdir()) == ["mixtral"]  # no engine model: the build is loaded in process
+    assert not [p for p in repo.rglob("*") if ".onnx" in p.name]  # no graph or weights copied or linked
     text = parse_config(pb2, repo / "mixtral" / "config.pbtxt")
     assert (text.name, text.backend, text.max_batch_size) == ("mixtral", "python", 0)
     assert text.model_transaction_policy.decoupled
@@ -123,11 +115,31 @@ def test_ort_repository_configs_parse_and_match_the_io_table(tmp_path, ort_build
         "text_input": False, "max_tokens": True, "temperature": True, "top_p": True, "top_k": True,
         "seed": True, "stream": True}  # fmt: skip
     assert [t.name for t in text.output] == ["text_output", "output_ids"]
+    assert text.parameters["build_dir"].string_value == str(ort_build.resolve())
+    assert text.parameters["build_id"].string_value == sha256_file(ort_build / "manifest.json")
+    assert sorted(p.name for p in (repo / "mixtral" / "1").iterdir()) == ["mixtral_build.json", "model.py"]
+    readme = (repo / "mixtral" / "README.md").read_text()
+    assert f"tritonserver --model-repository={repo}" in readme and "keep it at that path" in readme
+    assert "pip install mixtral-trt" not in readme and "pip install /path/to/mixtral-trt" in readme
+
+
+def test_engine_repository_configs_parse_and_match_the_io_table(tmp_path, ort_build, pb2):
+    build = engine_dir(tmp_path / "engine", ort_build)
+    repo = write_repository(build, tmp_path / "repo")
+    manifest = read_manifest(build)
+    engine = parse_config(pb2, repo / "mixtral_engine" / "config.pbtxt")
+    assert (engine.name, engine.platform) == ("mixtral_engine", "tensorrt_plan")
+    assert_config_matches(engine, manifest)
+    write = next(t for t in engine.input if t.name == "write_indices")
+    assert list(write.dims) == [1] and write.HasField("reshape") and list(write.reshape.shape) == []
+    assert next(t for t in engine.input if t.name == "past_key_values.0.key").dims[1] == MAX_SEQ
+    version = repo / "mixtral_engine" / "1"
+    assert sorted(p.name for p in version.iterdir()) == ["mixtral_build.json", "model.plan"]
+    text = parse_config(pb2, repo / "mixtral" / "config.pbtxt")
     assert text.parameters["engine_model"].string_value == "mixtral_engine"
     assert sorted(p.name for p in (repo / "mixtral" / "1").iterdir()) == [
-        "build_manifest.json", "model.py", "tokenizer.model"]  # fmt: skip
-    readme = (repo / "mixtral" / "README.md").read_text()
-    assert f"tritonserver --model-repository={repo}" in readme and "The KV cache is explicit" in readme
+        "build_manifest.json", "mixtral_build.json", "model.py", "tokenizer.model"]  # fmt: skip
+    assert "The KV cache is explicit" in (repo / "mixtral" / "README.md").read_text()
 
 
 @pytest.mark.parametrize("cache_dtype", ["float32", "float16", "bfloat16"])
@@ -245,7 +257,6 @@ def _snapshot(root: Path) -> dict:
         ("rtx", "TensorRT-RTX engine; Triton's tensorrt_plan platform runs datacenter TensorRT engines only"),
         ("sha", r"has sha256 .*, the engine was built against"),
         ("onnx", "has no ONNX model: model.onnx.data missing"),
-        ("export", r"canonical ONNX \(stage 'export'\) with the mixtral.MoETop2 custom op"),
         ("empty", "has no manifest.json"),
     ],
 )  # fmt: skip
@@ -263,7 +274,7 @@ def test_unservable_build_writes_nothing(tmp_path, builds, breakage, message):
         shutil.copytree(ort, build)
         (build / "model.onnx.data").unlink()
     else:
-        build = exported if breakage == "export" else tmp_path / "b"
+        build = tmp_path / "b"
         build.mkdir(exist_ok=True)
     with pytest.raises((TritonRepositoryError, ManifestError), match=message):
         write_repository(build, tmp_path / "repo", verify=False)
@@ -295,11 +306,10 @@ def test_version_swap_without_an_atomic_exchange(tmp_path, ort_build, monkeypatc
 
     repo = write_repository(ort_build, tmp_path / "repo")
     (repo / "mixtral" / "1" / "stale").write_text("from the previous version")
-    monkeypatch.setattr(triton, "_exchange", lambda a, b: False)  # no renameat2: two renames
+    monkeypatch.setattr(triton.triton_swap, "_exchange", lambda a, b: False)  # no renameat2: two renames
     write_repository(ort_build, repo)
     assert sorted(p.name for p in (repo / "mixtral").iterdir()) == ["1", "README.md", "config.pbtxt"]
-    assert sorted(p.name for p in (repo / "mixtral" / "1").iterdir()) == [
-        "build_manifest.json", "model.py", "tokenizer.model"]  # fmt: skip
+    assert sorted(p.name for p in (repo / "mixtral" / "1").iterdir()) == ["mixtral_build.json", "model.py"]
 
 
 def test_failed_copy_leaves_nothing(tmp_path, ort_build, monkeypatch):
@@ -308,7 +318,7 @@ def test_failed_copy_leaves_nothing(tmp_path, ort_build, monkeypatch):
     def disk_full(src, dst):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(triton, "_link_or_copy", disk_full)
+    monkeypatch.setattr(triton, "_copy", disk_full)
     with pytest.raises(OSError, match="No space left"):
         write_repository(ort_build, tmp_path / "repo")
     assert not (tmp_path / "repo").exists()
@@ -351,7 +361,9 @@ def test_modules_import_without_heavy_packages():
 
 @pytest.fixture(scope="module")
 def served(ort_build, tmp_path_factory, pb2):
-    repo = write_repository(ort_build, tmp_path_factory.mktemp("served") / "repo")
+    """An engine-layout repository (a stand-in plan built from ort_build) and the runtime's reference."""
+    root = tmp_path_factory.mktemp("served")
+    repo = write_repository(engine_dir(root / "engine", ort_build), root / "repo")
     return repo, runtime.load(ort_build)
 
 
@@ -525,3 +537,44 @@ def test_engine_with_in_place_cache_is_refused(tmp_path, ort_build):
     with pytest.raises(TritonRepositoryError, match="--cache-update copy"):
         write_repository(build, tmp_path / "repo")
     assert not (tmp_path / "repo").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# ONNX Runtime builds: one text model loading the build in its own process
+
+
+@pytest.fixture(scope="module")
+def in_process(ort_build, tmp_path_factory, pb2):
+    return write_repository(ort_build, tmp_path_factory.mktemp("in_process") / "repo")
+
+
+def test_in_process_generation_equals_runtime(in_process, served, monkeypatch, pb2):
+    _, reference = served
+    server = FakeTriton(in_process, pb2)
+    model = load_text_model(in_process, server, monkeypatch, pb2)
+    sent = ask(model, text_input=np.array([PROMPT.encode()], dtype=object), max_tokens=np.array([10], np.int32),
+               stream=np.array([True]))  # fmt: skip
+    [expected] = reference.generate([PROMPT], max_new_tokens=10, greedy=True)
+    text, ids, _ = texts_and_ids(sent)
+    assert ids == expected.output_ids and text == expected.text
+    assert server.calls == []  # no BLS: the model ran the build itself
+    seeded = ask(model, text_input=np.array([PROMPT.encode()], dtype=object), max_tokens=np.array([6], np.int32),
+                 temperature=np.array([1.3], np.float32), seed=np.array([3], np.int64))  # fmt: skip
+    [expected] = reference.generate([PROMPT], max_new_tokens=6, temperature=1.3, seed=3)
+    assert texts_and_ids(seeded)[1] == expected.output_ids
+
+
+def test_in_process_model_refuses_a_changed_or_moved_build(tmp_path, ort_build, monkeypatch, pb2):
+    from mixtral_trt.runtime.backends.triton_bls import TritonModelMismatch
+
+    build = tmp_path / "build"
+    shutil.copytree(ort_build, build)
+    repo = write_repository(build, tmp_path / "repo")
+    manifest = read_manifest(build, verify=False)
+    write_manifest(build, manifest["stage"], {**{k: v for k, v in manifest.items() if k not in (
+        "format", "format_version", "stage", "files")}, "note": "rebuilt"})  # fmt: skip
+    with pytest.raises(TritonModelMismatch, match="not build .* that this repository was written for"):
+        load_text_model(repo, FakeTriton(repo, pb2), monkeypatch, pb2)
+    shutil.rmtree(build)
+    with pytest.raises(TritonModelMismatch, match="cannot be read .*put it back"):
+        load_text_model(repo, FakeTriton(repo, pb2), monkeypatch, pb2)
