@@ -76,7 +76,7 @@ def load_for_onnxruntime(src: Path, out: Path):
 
 STAGES = {
     "engine": lambda src, out: engine.build(src, out, progress=False),
-    "lower_dir": lambda src, out: lowering.lower_dir(src, out),
+    "lower_dir": lambda src, out: lowering.lower_dir(src, out, data="copy"),
     "convert": lambda src, out: precision.convert(src, out, "fp16", progress=False),
     "onnxruntime": load_for_onnxruntime,
 }
@@ -325,20 +325,23 @@ def test_manifest_naming_a_file_outside_its_directory_is_refused(small_export, t
 
 
 def test_main_job_verifies_a_reused_source_and_not_a_fresh_one(small_checkpoint, tmp_path, monkeypatch):
-    out, real, seen = tmp_path / "b", lowering.lower_dir, []
+    from mixtral_trt.optimize import precision
+
+    out, real, seen = tmp_path / "b", precision.convert, []
 
     def recording(*args, **kwargs):
         seen.append(kwargs.get("verify"))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(lowering, "lower_dir", recording)
-    args = ["--model", str(small_checkpoint), "--precision", "fp16", "--target", "onnxruntime", "--max-seq-len", "16",
+    monkeypatch.setattr(precision, "convert", recording)
+    # bf16: OUT/bf16 and OUT/fp32 (for ONNX Runtime) are both converted from OUT/export
+    args = ["--model", str(small_checkpoint), "--precision", "bf16", "--target", "onnxruntime", "--max-seq-len", "16",
             "--max-batch", "1", "--out", str(out), "--quiet"]  # fmt: skip
     first = CliRunner().invoke(main, args)
     assert first.exit_code == 0, first.output
-    assert seen == [False]  # OUT/fp16 was written by this run: not hashed a second time
-    flip_byte(out / "fp16" / DATA, 3)
-    shutil.rmtree(out / "onnxruntime")  # rebuilt next run, from the reused (now altered) OUT/fp16
+    assert seen == [False, False]  # OUT/export was written by this run: not hashed a second time
+    flip_byte(out / "export" / DATA, 3)
+    shutil.rmtree(out / "fp32")  # rebuilt next run, from the reused (now altered) OUT/export
     second = CliRunner().invoke(main, args)
-    assert seen == [False, True]
+    assert seen == [False, False, True]
     assert second.exit_code == 1 and "sha256 differs" in second.output and "Traceback" not in second.output
