@@ -163,3 +163,19 @@ def test_function_matches_the_onnxruntime_kernels(built, tmp_path, precision):
     for name in function:
         np.testing.assert_allclose(function[name].astype(np.float32), kernel[name].astype(np.float32), atol=atol,
                                    rtol=0, err_msg=name)  # fmt: skip
+
+
+def test_readme_polygraphy_command_is_what_the_script_prints(tmp_path):
+    """The README's literal command for the built-in tiny model equals the script's arguments
+    from that export's manifest (the script itself is run against polygraphy above)."""
+    import json
+
+    from mixtral_trt.export.stitch import io_table
+    from mixtral_trt.export.tiny import TINY_CONFIG
+
+    readme = (ROOT / "README.md").read_text()
+    [command] = re.findall(r"(polygraphy run --onnxrt /tmp/tiny-export/model\.onnx.*?)\n```", readme, flags=re.S)
+    manifest = {"export": {"max_seq_len": 64}, "config": TINY_CONFIG.to_dict(), "io": io_table(TINY_CONFIG)}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    script = load_module(ROOT / "scripts" / "polygraphy_inputs.py", "polygraphy_inputs")
+    assert command.replace("\\\n", " ").split()[4:] == script.polygraphy_args(tmp_path, batch=2, seq=4)
