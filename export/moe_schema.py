@@ -124,7 +124,8 @@ def moe_function(quantization: str = "none") -> onnx.FunctionProto:
     h13 = b.one("MatMul", ["hidden", b.one("Transpose", [w13], perm=[0, 2, 1])])  # [E, T, 2I]
     gate, up = b.add("Split", [h13], n_out=2, axis=-1, num_outputs=2)  # [E, T, I] each
     act = b.one("Mul", [b.one("Mul", [gate, b.one("Sigmoid", [gate])]), up])  # silu(gate) · up
-    y = b.one("Cast", [b.one("MatMul", [act, b.one("Transpose", [w2], perm=[0, 2, 1])])], to=TensorProto.FLOAT)  # [E, T, H]
+    y = b.one("MatMul", [act, b.one("Transpose", [w2], perm=[0, 2, 1])])  # [E, T, H]
+    y = b.one("Cast", [y], to=TensorProto.FLOAT)
     weight = b.one("Unsqueeze", [b.one("Transpose", [dense], perm=[1, 0]), b.ints(-1)])  # [E, T, 1]
     total = b.one("ReduceSum", [b.one("Mul", [y, weight]), b.ints(0)], keepdims=0)  # fp32 [T, H]
     b.add("CastLike", [total, "hidden"], out="output")

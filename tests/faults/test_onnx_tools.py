@@ -29,7 +29,8 @@ ROOT = Path(__file__).resolve().parents[2]
 HEAD_DIM = SMALL["hidden_size"] // SMALL["num_attention_heads"]
 CANONICAL = ("fp32", "fp16", "bf16", "int8")
 DIRS = ("export", *CANONICAL, "onnxruntime")
-ACT = {"fp32": TensorProto.FLOAT, "fp16": TensorProto.FLOAT16, "bf16": TensorProto.BFLOAT16, "int8": TensorProto.FLOAT16}
+FLOAT, FP16 = TensorProto.FLOAT, TensorProto.FLOAT16
+ACT = {"fp32": FLOAT, "fp16": FP16, "bf16": TensorProto.BFLOAT16, "int8": FP16}
 # Polygraphy's notes about the environment, not about a graph.
 ENVIRONMENT = re.compile(r"'colored' module is not installed")
 # What Polygraphy and ONNX Runtime print when a graph leaves a dim symbolic or unknown.
@@ -74,8 +75,8 @@ import sys, onnx
 onnx.checker.check_model(sys.argv[1], full_check=True)
 model = onnx.load(sys.argv[1], load_external_data=False)
 types = {v.name: v.type.tensor_type.elem_type for v in onnx.shape_inference.infer_shapes(model).graph.value_info}
-print(onnx.defs.has("MoETop2", "mixtral"), [types.get(n.output[0], 0) for n in model.graph.node if n.op_type == "MoETop2"],
-      [f.name for f in model.functions])
+moe = [types.get(n.output[0], 0) for n in model.graph.node if n.op_type == "MoETop2"]
+print(onnx.defs.has("MoETop2", "mixtral"), moe, [f.name for f in model.functions])
 """
 
 
