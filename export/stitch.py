@@ -15,7 +15,7 @@ from onnx import TensorProto, helper
 from mixtral_trt.config import MixtralConfig
 
 from . import model as M
-from . import moe_op
+from . import moe_op, moe_schema
 
 ONNX_DTYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "bfloat16": TensorProto.BFLOAT16}
 
@@ -132,4 +132,5 @@ def build_graph(
         producer_name="mixtral-trt",
         ir_version=ir_version,
     )
+    moe_schema.set_function(model, "none")  # MoETop2 defined in standard ops: any ONNX runtime runs the graph
     return model

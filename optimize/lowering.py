@@ -12,10 +12,14 @@ with several hard links. So :func:`lower_dir` moves the data out of a source tha
 deleted (``data="move"``, what ``optimize --target onnxruntime`` does with its staging directory),
 copies it only when asked (``data="copy"``), and otherwise refuses: ONNX Runtime lowers a
 canonical directory in memory when it loads it, with no second copy of the weights on disk.
+The canonical graph's ``mixtral.MoETop2`` model-local function goes with the nodes it defined.
+Given ``max_seq_len``, the KV cache length becomes that fixed size (the runtimes always bind the
+whole cache), so tools that read the graph see the only cache shape it runs with.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 from pathlib import Path
@@ -27,6 +31,8 @@ from mixtral_trt.export import moe_schema as moe_op
 from mixtral_trt.fsutil import atomic_dir
 from mixtral_trt.manifest import MANIFEST, ManifestError, check_output_dir, read_manifest, sha256_file, write_manifest
 from mixtral_trt.onnx_files import check_external_data
+
+from .trt_lowering import CACHE_DIM, CACHE_PREFIXES, pin_cache_dims
 
 MOE_LOWERINGS = ("contrib", "decomposed")
 MOE_ACTIVATIONS = ("swiglu",)
@@ -207,8 +213,11 @@ def check_moe_node(node: onnx.NodeProto, shapes: dict[str, list]) -> None:
                                 f"(shape {shapes[name]}); the attribute and the weights must agree")  # fmt: skip
 
 
-def lower_for_onnxruntime(model: onnx.ModelProto, moe: str = "contrib") -> onnx.ModelProto:
-    """Return a copy of ``model`` with every MoETop2 replaced; other nodes untouched."""
+def lower_for_onnxruntime(
+    model: onnx.ModelProto, moe: str = "contrib", max_seq_len: int | None = None
+) -> onnx.ModelProto:
+    """Return a copy of ``model`` with every MoETop2 replaced, other nodes untouched, and the cache
+    length fixed to ``max_seq_len`` if given."""
     if moe not in MOE_LOWERINGS:
         raise LoweringError(f"moe lowering {moe!r} is not one of {MOE_LOWERINGS}")
     rewrite = lower_moe_contrib if moe == "contrib" else lower_moe_decomposed
@@ -225,6 +234,10 @@ def lower_for_onnxruntime(model: onnx.ModelProto, moe: str = "contrib") -> onnx.
             nodes.append(node)
     del out.graph.node[:]
     out.graph.node.extend(nodes)
+    moe_op.set_function(out, None)  # no MoETop2 node is left to call it
+    if max_seq_len is not None:
+        for values in (out.graph.input, out.graph.output, out.graph.value_info):
+            pin_cache_dims(values, max_seq_len)
     del out.opset_import[:]
     out.opset_import.extend([helper.make_opsetid("", moe_op.OPSET)])
     if moe == "contrib":
@@ -267,7 +280,7 @@ def lower_dir(src_dir: str | Path, out_dir: str | Path, target: str = "onnxrunti
     check_output_dir(out_dir, "optimize")
     model = onnx.load(str(src_dir / info["model_file"]), load_external_data=False)
     check_external_data(src_dir / info["model_file"], model)
-    lowered = lower_for_onnxruntime(model, moe)
+    lowered = lower_for_onnxruntime(model, moe, int(info["max_seq_len"]))
     with atomic_dir(out_dir) as tmp:
         (tmp / info["model_file"]).write_bytes(lowered.SerializeToString())
         for path in src_dir.iterdir():
@@ -277,6 +290,7 @@ def lower_dir(src_dir: str | Path, out_dir: str | Path, target: str = "onnxrunti
                 else:
                     shutil.copyfile(path, tmp / path.name)  # small files, or the data when asked to copy
         body = {k: v for k, v in manifest.items() if k not in ("format", "format_version", "stage", "files", "tools")}
+        body["io"] = pinned_io(manifest["io"], int(info["max_seq_len"]))
         body["optimize"] = {
             **{k: v for k, v in previous.items() if k not in ("target", "source")},  # precision, int8 options
             "target": "onnxruntime",
@@ -287,6 +301,15 @@ def lower_dir(src_dir: str | Path, out_dir: str | Path, target: str = "onnxrunti
         hashes = {name: e["sha256"] for name, e in manifest["files"].items() if name != info["model_file"]}
         write_manifest(tmp, "optimize", body, hashes)
     return out_dir
+
+
+def pinned_io(io: dict, max_seq_len: int) -> dict:
+    """The I/O table with the caches' ``max_cache_len`` dim as ``max_seq_len``, as in the lowered graph."""
+    out = copy.deepcopy(io)
+    for entry in out["inputs"] + out["outputs"]:
+        if entry["name"].startswith(CACHE_PREFIXES):
+            entry["shape"] = [max_seq_len if d == CACHE_DIM else d for d in entry["shape"]]
+    return out
 
 
 def lower_export_dir(export_dir: str | Path, out_dir: str | Path, moe: str = "contrib", data: str | None = None) -> Path:

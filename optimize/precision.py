@@ -16,6 +16,9 @@ TensorRT 11 builds strongly typed networks only, so precision is a property of t
   ``int8_attention=False`` keeps the attention projections fp16 too (experts-only int8: about
   3% of Mixtral's weight bytes stay fp16, for accuracy; see the README's accuracy section).
 
+Every output carries the ``mixtral.MoETop2`` model-local function matching its experts (the
+dequantising body for int8), so the canonical graph of any precision runs in plain ONNX runtimes.
+
 Weights stream: one initializer at a time, in row chunks of at most :data:`CHUNK_BYTES` (fp32
 working size; rows are output channels, leading dims flattened), each output tensor written once.
 The export's data file is read front to back and hashed on the way, so it is checked against
@@ -365,6 +368,7 @@ def rewrite_graph(
         nodes.append(helper.make_node("Cast", [f"logits.{act}"], ["logits"], name="cast/logits", to=TensorProto.FLOAT))
     del g.node[:]
     g.node.extend(nodes)
+    moe_op.set_function(out, "int8" if experts else "none")  # the body matching the experts' storage
     del g.value_info[:]  # stale float32 annotations, if any; shape inference recomputes them
     del g.initializer[:]
     g.initializer.extend(_tensor(i, data_file) for j in jobs for i in written[j.name])

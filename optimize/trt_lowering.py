@@ -1,6 +1,6 @@
 """TensorRT lowering: the canonical graph as TensorRT's ONNX parser wants it. A pure graph rewrite.
 
-Two changes, nothing else (weights stay where they are, external data untouched):
+These changes, nothing else (weights stay where they are, external data untouched):
 
 1. Each ``mixtral.MoETop2`` node becomes a plugin node ``trt.plugins.MixtralMoETop2``. TensorRT's
    parser imports a node it has no importer for through its plugin fallback: it looks up the
@@ -8,7 +8,9 @@ Two changes, nothing else (weights stay where they are, external data untouched)
    ``plugin_namespace`` [default ""]) and passes every attribute named in the creator's field
    list as a PluginField (INT → INT32, STRING → NUL-terminated CHAR). The node domain is not
    consulted; ``trt.plugins`` keeps the graph valid ONNX. ``plugin_namespace`` is always set,
-   so a same-named local function cannot win over the plugin.
+   so a same-named local function cannot win over the plugin; and the canonical graph's
+   ``mixtral.MoETop2`` model-local function is dropped with the last node that called it, so the
+   parser never sees (or expands) the dense reference body.
 2. The KV cache capacity is pinned: the parser turns ``TensorScatter`` into TensorRT's
    KV-cache-update layer, which refuses a dynamic cache length, so the ``max_cache_len`` dim of
    ``past_key_values.*`` / ``present.*`` becomes ``max_seq_len``.
@@ -80,7 +82,7 @@ def moe_plugin_node(node: onnx.NodeProto) -> onnx.NodeProto:
     )
 
 
-def _pin_cache_dims(values, max_seq_len: int) -> int:
+def pin_cache_dims(values, max_seq_len: int) -> int:
     """Replace the ``max_cache_len`` dim (or an existing fixed one) of the cache tensors; count them."""
     pinned = 0
     for vi in values:
@@ -161,13 +163,14 @@ def lower_for_tensorrt(model: onnx.ModelProto, max_seq_len: int, cache_update: s
     del out.graph.node[:]
     out.graph.node.extend(nodes)
     g = out.graph
-    pinned_in = _pin_cache_dims(g.input, max_seq_len)
-    pinned_out = _pin_cache_dims(g.output, max_seq_len)
-    _pin_cache_dims(g.value_info, max_seq_len)
+    pinned_in = pin_cache_dims(g.input, max_seq_len)
+    pinned_out = pin_cache_dims(g.output, max_seq_len)
+    pin_cache_dims(g.value_info, max_seq_len)
     if not pinned_in or pinned_in != pinned_out:
         raise LoweringError(
             f"expected past_key_values.* inputs matching present.* outputs; found {pinned_in} and {pinned_out}"
         )
+    moe_op.set_function(out, None)  # every MoETop2 is a plugin node now
     imports = [o for o in out.opset_import if o.domain not in (moe_op.MOE_DOMAIN, PLUGIN_DOMAIN)]
     del out.opset_import[:]
     out.opset_import.extend(imports + [helper.make_opsetid(PLUGIN_DOMAIN, PLUGIN_DOMAIN_VERSION)])

@@ -36,8 +36,9 @@ def built(request, tmp_path_factory):
     export(ckpt, root / "export", max_batch=4, max_seq_len=MAX_SEQ, progress=False)
     lowered = lower_export_dir(root / "export", root / "ort", data="copy")
     hf = transformers.MixtralForCausalLM.from_pretrained(ckpt, dtype=torch.float32, attn_implementation="eager")
-    session = ort.InferenceSession(str(lowered / "model.onnx"), providers=["CPUExecutionProvider"])
-    return hf.eval(), session
+    # The lowered graph (com.microsoft.MoE), and the canonical one through its MoETop2 function.
+    graphs = {"contrib": lowered / "model.onnx", "function": root / "export" / "model.onnx"}
+    return hf.eval(), {k: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for k, p in graphs.items()}
 
 
 def _run(session, cfg, ids, positions, write, caches):
@@ -51,8 +52,10 @@ def _run(session, cfg, ids, positions, write, caches):
     return got["logits"], new
 
 
-def test_prefill_and_decode_match_transformers(built):
-    hf, session = built
+@pytest.mark.parametrize("moe", ["contrib", "function"])
+def test_prefill_and_decode_match_transformers(built, moe):
+    hf, sessions = built
+    session = sessions[moe]
     cfg = hf.config
     K, D = cfg.num_key_value_heads, cfg.head_dim
     rng = np.random.default_rng(0)

@@ -75,13 +75,16 @@ def test_contrib_and_decomposed_agree_with_the_eager_op(export_dir, tmp_path):
     np.testing.assert_allclose(contrib, dense, atol=1e-5, rtol=0)
 
 
-def test_moe_lowerings_match_numpy_reference(tmp_path):
-    """One MoETop2 node on random data, lowered both ways, against a numpy implementation."""
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_moe_lowerings_match_numpy_reference(tmp_path, k):
+    """One MoETop2 node on random data, lowered both ways and through its model-local function,
+    against a numpy implementation."""
     from onnx import TensorProto, helper
 
+    from mixtral_trt.export.moe_schema import set_function
     from mixtral_trt.optimize.lowering import lower_for_onnxruntime
 
-    T, H, I, E, k = 9, 24, 40, 5, 2
+    T, H, I, E = 9, 24, 40, 5
     rng = np.random.default_rng(1)
     x = rng.standard_normal((T, H)).astype(np.float32)
     router = rng.standard_normal((E, H)).astype(np.float32)
@@ -113,3 +116,6 @@ def test_moe_lowerings_match_numpy_reference(tmp_path):
     for moe in ("contrib", "decomposed"):
         session = ort.InferenceSession(lower_for_onnxruntime(model, moe).SerializeToString())
         np.testing.assert_allclose(session.run(None, {"x": x})[0], expected, atol=1e-5, err_msg=moe)
+    set_function(model, "none")
+    session = ort.InferenceSession(model.SerializeToString())  # ONNX Runtime inlines the function
+    np.testing.assert_allclose(session.run(None, {"x": x})[0], expected, atol=1e-5, err_msg="function")

@@ -79,6 +79,18 @@ def test_lowered_graph_passes_the_onnx_checker(export_dir, canonical, tmp_path):
     onnx.checker.check_model(str(tmp_path / "model.onnx"), full_check=True)
 
 
+@pytest.mark.parametrize("target", ["tensorrt", "onnxruntime"])
+def test_moe_function_goes_with_the_last_moe_node(canonical, target):
+    """The canonical graph defines MoETop2 as a model-local function; once every node is lowered
+    the function must go too (TensorRT's parser would otherwise see, or expand, the dense body)."""
+    from mixtral_trt.optimize.lowering import lower_for_onnxruntime
+
+    assert [(f.domain, f.name) for f in canonical.functions] == [("mixtral", "MoETop2")]
+    lowered = lower_for_tensorrt(canonical, MAX_SEQ) if target == "tensorrt" else lower_for_onnxruntime(canonical)
+    assert not lowered.functions
+    assert "mixtral" not in {o.domain for o in lowered.opset_import}
+
+
 # -- synthetic single-node graphs -------------------------------------------------------------
 
 
