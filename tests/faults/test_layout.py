@@ -22,13 +22,13 @@ from click.testing import CliRunner
 
 from mixtral_trt.cli import main
 from mixtral_trt.manifest import sha256_file
+from tests.conftest import load_module
 
 HAVE_RTX = __import__("importlib.util").util.find_spec("tensorrt_rtx_bindings") is not None
 PRECISIONS = ("fp16", "int8")
 # The .onnx files each main job writes (no lowered copy: ONNX Runtime lowers OUT/<precision> when loading).
 ONNX_FILES = {p: ("export/model.onnx", f"{p}/model.onnx") for p in PRECISIONS}
 POLYGRAPHY = "import sys; from polygraphy.tools import main; sys.exit(main())"
-NEEDS_FUNCTION = pytest.mark.xfail(strict=False, reason="needs the MoETop2 function")
 
 
 def _cli(*args):
@@ -88,14 +88,12 @@ def test_onnx_checker_and_polygraphy_inspect_open_it(jobs, precision, relative):
     assert inspected.returncode == 0, inspected.stderr[-2000:]
 
 
-@NEEDS_FUNCTION
 @pytest.mark.parametrize("precision, relative", [(p, f) for p in PRECISIONS for f in ONNX_FILES[p]])
 def test_polygraphy_runs_it_on_onnxruntime(jobs, precision, relative):
+    """Canonical graphs run as they are: MoETop2 is a model-local function ONNX Runtime inlines."""
     path = jobs[precision]["out"] / relative
-    manifest = json.loads((path.parent / "manifest.json").read_text())
-    sizes = {"batch": 1, "seq": 3, "max_cache_len": manifest["export"]["max_seq_len"]}
-    shapes = [f"{e['name']}:{[sizes.get(d, d) for d in e['shape']]}".replace(" ", "") for e in manifest["io"]["inputs"]]
-    ran = _run("-c", POLYGRAPHY, "run", "--onnxrt", path, "--input-shapes", *shapes)
+    inputs = load_module(Path(__file__).parents[2] / "scripts" / "polygraphy_inputs.py", "polygraphy_inputs")
+    ran = _run("-c", POLYGRAPHY, "run", "--onnxrt", path, *inputs.polygraphy_args(path.parent))
     assert ran.returncode == 0, ran.stderr[-2000:]
 
 
