@@ -22,7 +22,7 @@ from mixtral_trt.manifest import check_output_dir, write_manifest
 
 from . import model as M
 from . import moe_op
-from .checkpoint import Checkpoint, CheckpointError, TensorRef, open_checkpoint
+from .checkpoint import Checkpoint, CheckpointError, TensorRef, check_tokenizer, open_checkpoint
 from .stitch import Initializer, build_graph, io_table
 
 MODEL_FILE = "model.onnx"
@@ -117,6 +117,10 @@ def export(
     max_seq_len = _check_limits(cfg, max_batch, max_seq_len)
     out_dir = Path(out_dir)
     check_output_dir(out_dir, "export", ExportError)
+    tokenizer = check_tokenizer(ckpt)
+    if tokenizer is None:  # a warning, not progress: shown even when progress is off
+        print(f"warning: no tokenizer in {ckpt.directory}: the build will take token ids only (--prompt-ids); "
+              "copy tokenizer.model there to generate from text", file=sys.stderr)  # fmt: skip
 
     from .trace import trace_pieces
 
@@ -134,7 +138,9 @@ def export(
         for name in TOKENIZER_FILES:
             if (ckpt.directory / name).is_file():
                 shutil.copyfile(ckpt.directory / name, tmp / name)
-        write_manifest(tmp, "export", _manifest_body(ckpt, max_batch, max_seq_len, inits), {DATA_FILE: data_sha})
+        body = _manifest_body(ckpt, max_batch, max_seq_len, inits)
+        body["export"]["tokenizer"] = tokenizer  # the file name, or None: token ids only
+        write_manifest(tmp, "export", body, {DATA_FILE: data_sha})
     _say(progress, f"wrote {out_dir}")
     return out_dir
 
