@@ -212,7 +212,7 @@ def check_tokenizer(ckpt: Checkpoint) -> str | None:
     except ImportError:
         raise
     except Exception as exc:  # sentencepiece and tokenizers raise bare RuntimeError/Exception on bad files
-        raise CheckpointError(f"{path} cannot be read as a tokenizer ({exc}); replace it with the model's own") from None
+        raise CheckpointError(f"{path} cannot be read as a tokenizer ({exc}); use the model's own") from None
     cfg = ckpt.config
     if tok.vocab_size > cfg.vocab_size:
         raise CheckpointError(

@@ -7,10 +7,13 @@ bytes are copied from the safetensors shards into ``model.onnx.data`` in fixed-s
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import shutil
 import sys
+import threading
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -124,8 +127,8 @@ def export(
 
     from .trace import trace_pieces
 
-    _say(progress, f"tracing the decoder ({cfg.num_hidden_layers} layers share one trace)")
-    pieces = trace_pieces(cfg)
+    with _timed(progress, f"tracing the decoder (one trace for all {cfg.num_hidden_layers} layers, takes ~15 s)"):
+        pieces = trace_pieces(cfg)
     with atomic_dir(out_dir) as tmp:
         writer = DataWriter(tmp / DATA_FILE)
         try:
@@ -225,6 +228,34 @@ def _progress(it, enabled: bool, desc: str):
     from tqdm import tqdm
 
     return tqdm(it, desc=desc, unit="layer", file=sys.stderr)
+
+
+@contextlib.contextmanager
+def _timed(enabled: bool, message: str, tick: float = 1.0):
+    """A start line, then (on a terminal) the seconds ticking on it, then the time taken: a silent
+    wait of seconds otherwise looks like a hang."""
+    if not enabled:
+        yield
+        return
+    start, done = time.monotonic(), threading.Event()
+    live = sys.stderr.isatty()
+
+    def ticker() -> None:
+        while not done.wait(tick):
+            print(f"\r{message} ... {time.monotonic() - start:.0f} s", end="", file=sys.stderr, flush=True)
+
+    print(f"{message} ...", end="" if live else "\n", file=sys.stderr, flush=True)
+    thread = threading.Thread(target=ticker, daemon=True) if live else None
+    if thread:
+        thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        if thread:
+            thread.join()
+    end = f"\r{message} ... done in" if live else "  done in"
+    print(f"{end} {time.monotonic() - start:.1f} s", file=sys.stderr, flush=True)
 
 
 def _say(enabled: bool, message: str) -> None:

@@ -4,7 +4,11 @@ and errors, and a dependency set whose pieces work together."""
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
+import subprocess
+import sys
 
 import pytest
 from click.testing import CliRunner
@@ -113,3 +117,136 @@ def test_shipped_tokenizers_pass_the_check(tmp_path):
     ckpt = _checkpoint(tmp_path, vocab_size=32000)
     _mixtral_tokenizer(ckpt)
     assert check_tokenizer(open_checkpoint(ckpt)) == "tokenizer.model"
+
+
+# --- progress on long silent waits ---------------------------------------------------------------
+
+
+def test_export_reports_tracing_start_and_end(tmp_path):
+    result = _export_cli(_checkpoint(tmp_path), tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    lines = result.stderr.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("tracing the decoder"))
+    assert "takes ~15 s" in lines[start]
+    assert re.fullmatch(r"  done in \d+\.\d s", lines[start + 1]), lines  # not a terminal: no ticking
+
+
+def test_tracing_progress_ticks_on_a_terminal(monkeypatch):
+    import io
+    import time
+
+    from mixtral_trt.export import onnx_export
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    err = Terminal()
+    monkeypatch.setattr("sys.stderr", err)
+    with onnx_export._timed(True, "tracing", tick=0.05):
+        time.sleep(0.3)
+    text = err.getvalue()
+    assert text.startswith("tracing ...") and "\rtracing ... 0 s" in text
+    assert re.search(r"\rtracing \.\.\. done in 0\.\d s\n$", text), text
+    err.truncate(0)
+    with onnx_export._timed(False, "tracing"):
+        pass
+    assert err.getvalue() == ""
+
+
+STUB_NVCC = """#!/bin/sh
+# Stands in for nvcc: answers --version, and 'compiles' by creating the -o file after a pause.
+if [ "$1" = "--version" ]; then echo "Cuda compilation tools, release 13.0, V13.0.48"; exit 0; fi
+out=""; prev=""
+for a in "$@"; do [ "$prev" = "-o" ] && out="$a"; prev="$a"; done
+sleep 0.3
+: > "$out"
+"""
+
+
+def _build_with_stub(tmp_path, *args):
+    nvcc = tmp_path / "nvcc"
+    nvcc.write_text(STUB_NVCC)
+    nvcc.chmod(0o755)
+    env = {**os.environ, "MIXTRAL_TRT_CACHE": str(tmp_path / "cache")}
+    env.pop("MIXTRAL_TRT_CUTLASS_INCLUDE", None)
+    cmd = [sys.executable, "-m", "mixtral_trt.plugins.build", "--nvcc", str(nvcc), "--arch", "80",
+           "--out-dir", str(tmp_path / "lib"), *args]  # fmt: skip
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=60)
+
+
+def test_kernel_build_reports_each_nvcc_command(tmp_path):
+    proc = _build_with_stub(tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == str(tmp_path / "lib" / "libmixtral_moe_top2.so")
+    lines = proc.stderr.splitlines()
+    starts = [i for i, line in enumerate(lines) if re.fullmatch(r"  nvcc: kernels\.cu for sm_80 \.\.\.", line)]
+    ends = [i for i, line in enumerate(lines) if re.fullmatch(r"  nvcc: kernels\.cu for sm_80 done in \d+\.\d s", line)]
+    link = [i for i, line in enumerate(lines) if re.fullmatch(r"  nvcc: link libmixtral_moe_top2\.so done in .* s", line)]
+    assert len(starts) == len(ends) == len(link) == 1 and starts[0] < ends[0] < link[0], lines
+    seconds = float(re.search(r"done in (\S+) s", lines[ends[0]]).group(1))
+    assert seconds >= 0.3  # the stub's compile time, measured
+
+
+def test_kernel_build_quiet_prints_only_the_library(tmp_path):
+    proc = _build_with_stub(tmp_path, "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == "" and proc.stdout.strip() == str(tmp_path / "lib" / "libmixtral_moe_top2.so")
+
+
+# --- help and errors name CLI flags ---------------------------------------------------------------
+
+# `name=value` where name is a Python identifier not preceded by '-' (so `--flag=value` is fine)
+KEYWORD_SYNTAX = re.compile(r"(?<![-\w])[a-z_][a-z0-9_]*=(?!=)")
+
+
+def _all_helps():
+    import click
+
+    runner = CliRunner()
+    helps = {"mixtral-build": runner.invoke(main, ["--help"])}
+    for name, command in main.commands.items():
+        helps[f"mixtral-build {name}"] = runner.invoke(main, [name, "--help"])
+        assert isinstance(command, click.Command)
+    for name, result in helps.items():
+        assert result.exit_code == 0, (name, result.output)
+    out = {name: r.output for name, r in helps.items()}
+    proc = subprocess.run([sys.executable, "-m", "mixtral_trt.plugins.build", "--help"], capture_output=True,
+                          text=True, timeout=60)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    out["python -m mixtral_trt.plugins.build"] = proc.stdout
+    return out
+
+
+def test_help_texts_name_cli_flags_not_python_keywords():
+    helps = _all_helps()
+    assert {"mixtral-build generate", "mixtral-build engine", "mixtral-build triton"} <= set(helps)
+    assert KEYWORD_SYNTAX.search("pass nvcc=<path>") and not KEYWORD_SYNTAX.search("--max-seq-len=64")
+    for name, text in helps.items():
+        assert not KEYWORD_SYNTAX.findall(text), (name, KEYWORD_SYNTAX.findall(text))
+
+
+def test_missing_nvcc_error_names_the_flag(tmp_path):
+    cmd = [sys.executable, "-m", "mixtral_trt.plugins.build", "--nvcc", str(tmp_path / "no-nvcc"), "--quiet"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and proc.stderr.startswith("error: nvcc not found"), proc.stderr
+    assert "--nvcc PATH" in proc.stderr and not KEYWORD_SYNTAX.findall(proc.stderr), proc.stderr
+
+
+def test_engine_target_errors_name_the_flags():
+    import types
+
+    from mixtral_trt.optimize import engine, trt_compat
+
+    datacenter = trt_compat.TensorRT(module=None, flavour="tensorrt", version="11.0.0")
+    with pytest.raises(engine.EngineBuildError) as info:
+        engine.check_target_sms(datacenter, ["89", "120"])
+    assert "--sm 89,120" in str(info.value) and "--target tensorrt-rtx" in str(info.value)
+    assert not KEYWORD_SYNTAX.findall(str(info.value)), str(info.value)
+
+    caps = types.SimpleNamespace(__members__={"SM89": 0, "SM120": 1})
+    rtx = trt_compat.TensorRT(module=types.SimpleNamespace(ComputeCapability=caps), flavour="tensorrt-rtx",
+                              version="1.7.0")  # fmt: skip
+    with pytest.raises(engine.EngineBuildError) as info:
+        engine.check_target_sms(rtx, ["90"])
+    assert "--target tensorrt" in str(info.value) and not KEYWORD_SYNTAX.findall(str(info.value)), str(info.value)
