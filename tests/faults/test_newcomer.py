@@ -250,3 +250,27 @@ def test_engine_target_errors_name_the_flags():
     with pytest.raises(engine.EngineBuildError) as info:
         engine.check_target_sms(rtx, ["90"])
     assert "--target tensorrt" in str(info.value) and not KEYWORD_SYNTAX.findall(str(info.value)), str(info.value)
+
+
+# --- the dependency set works together --------------------------------------------------------------
+
+
+def test_transformers_converts_the_sentencepiece_tokenizer():
+    """transformers turns tokenizer.model into its fast tokenizer through sentencepiece's generated
+    protobuf code; that code must load under the protobuf the rest of the set (tritonclient) allows."""
+    transformers = pytest.importorskip("transformers")
+    from google.protobuf import __version__ as protobuf_version
+    from mixtral_trt.export.tiny import default_tiny
+    from mixtral_trt.runtime.tokenizer import Tokenizer
+
+    try:
+        from sentencepiece import sentencepiece_model_pb2
+    except Exception as exc:  # protobuf's VersionError: gencode newer than the runtime
+        pytest.fail(f"sentencepiece's generated code does not load under protobuf {protobuf_version}: {exc}")
+    ckpt = default_tiny()
+    proto = sentencepiece_model_pb2.ModelProto.FromString((ckpt / "tokenizer.model").read_bytes())
+    assert len(proto.pieces) == 32000
+    theirs = transformers.AutoTokenizer.from_pretrained(ckpt)
+    ours = Tokenizer(ckpt)
+    for text in ("The capital of France is", "def f(x):\n    return x  # ✓ 東京"):
+        assert theirs(text, add_special_tokens=False).input_ids == ours.encode(text, bos=False), text
