@@ -274,3 +274,30 @@ def test_transformers_converts_the_sentencepiece_tokenizer():
     ours = Tokenizer(ckpt)
     for text in ("The capital of France is", "def f(x):\n    return x  # ✓ 東京"):
         assert theirs(text, add_special_tokens=False).input_ids == ours.encode(text, bos=False), text
+
+
+# --- the README tells a newcomer what the install and the tests need ----------------------------------
+
+
+def _section(text: str, title: str) -> str:
+    return text.split(f"\n## {title}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def test_readme_install_and_test_sections_say_what_is_needed():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    readme = (root / "README.md").read_text()
+    install, tests = _section(readme, "Install and run"), _section(readme, "Test")
+    # The two set-up commands CI runs stay as they are.
+    assert "pip install torch==2.13.0 && pip install -e '.[test,rtx]' && mixtral-build --precision fp16" in install
+    assert "```bash\npython3 -m pytest -q\n```" in tests
+    # PyPI's Linux torch is the CUDA build; the CPU wheel comes from PyTorch's own index.
+    assert "2.7 GB" in install and "CUDA build" in install
+    assert "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu" in install
+    # What the suite needs beyond pip comes before the command: every apt package CI installs, and nvcc.
+    before = tests.split("python3 -m pytest -q", 1)[0]
+    ci = (root / ".ci" / "run").read_text()
+    apt = re.search(r"apt-get install -y -qq ([^>\n]+)", ci).group(1).split()
+    assert apt and all(re.search(rf"(?<![\w-]){re.escape(pkg)}(?![\w-])", before) for pkg in apt), apt
+    assert "nvcc 13" in before and "skip" in before
