@@ -248,12 +248,16 @@ def _timed(enabled: bool, message: str, tick: float = 1.0):
     thread = threading.Thread(target=ticker, daemon=True) if live else None
     if thread:
         thread.start()
+    finished = False
     try:
         yield
+        finished = True
     finally:
         done.set()
         if thread:
             thread.join()
+        if live and not finished:
+            print(file=sys.stderr)  # end the ticking line; the error follows on a line of its own
     end = f"\r{message} ... done in" if live else "  done in"
     print(f"{end} {time.monotonic() - start:.1f} s", file=sys.stderr, flush=True)
 

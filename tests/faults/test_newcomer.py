@@ -301,3 +301,19 @@ def test_readme_install_and_test_sections_say_what_is_needed():
     apt = re.search(r"apt-get install -y -qq ([^>\n]+)", ci).group(1).split()
     assert apt and all(re.search(rf"(?<![\w-]){re.escape(pkg)}(?![\w-])", before) for pkg in apt), apt
     assert "nvcc 13" in before and "skip" in before
+
+
+def test_tracing_progress_ends_its_line_when_tracing_fails(monkeypatch):
+    import io
+
+    from mixtral_trt.export import onnx_export
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    err = Terminal()
+    monkeypatch.setattr("sys.stderr", err)
+    with pytest.raises(KeyboardInterrupt), onnx_export._timed(True, "tracing", tick=0.05):
+        raise KeyboardInterrupt
+    assert err.getvalue() == "tracing ...\n"  # no "done" claimed
