@@ -182,7 +182,8 @@ def test_kernel_build_reports_each_nvcc_command(tmp_path):
     lines = proc.stderr.splitlines()
     starts = [i for i, line in enumerate(lines) if re.fullmatch(r"  nvcc: kernels\.cu for sm_80 \.\.\.", line)]
     ends = [i for i, line in enumerate(lines) if re.fullmatch(r"  nvcc: kernels\.cu for sm_80 done in \d+\.\d s", line)]
-    link = [i for i, line in enumerate(lines) if re.fullmatch(r"  nvcc: link libmixtral_moe_top2\.so done in .* s", line)]
+    link_done = r"  nvcc: link libmixtral_moe_top2\.so done in .* s"
+    link = [i for i, line in enumerate(lines) if re.fullmatch(link_done, line)]
     assert len(starts) == len(ends) == len(link) == 1 and starts[0] < ends[0] < link[0], lines
     seconds = float(re.search(r"done in (\S+) s", lines[ends[0]]).group(1))
     assert seconds >= 0.3  # the stub's compile time, measured
