@@ -201,9 +201,41 @@ def _ignorable(name: str, cfg: MixtralConfig) -> bool:
     return (cfg.tie_word_embeddings and name == "lm_head.weight") or name.endswith("rotary_emb.inv_freq")
 
 
+def check_tokenizer(ckpt: Checkpoint) -> str | None:
+    """The name of the checkpoint's tokenizer file (None: it has none), refusing one that contradicts
+    config.json: more tokens than ``vocab_size`` (ids with no embedding row) or other BOS/EOS ids.
+    Fewer tokens than ``vocab_size`` is accepted: checkpoints often pad the embedding."""
+    from mixtral_trt.runtime.tokenizer import Tokenizer, tokenizer_file
+
+    path = tokenizer_file(ckpt.directory)
+    if path is None:
+        return None
+    try:
+        tok = Tokenizer(ckpt.directory)
+    except ImportError:
+        raise
+    except Exception as exc:  # sentencepiece and tokenizers raise bare RuntimeError/Exception on bad files
+        raise CheckpointError(f"{path} cannot be read as a tokenizer ({exc}); use the model's own") from None
+    cfg = ckpt.config
+    if tok.vocab_size > cfg.vocab_size:
+        raise CheckpointError(
+            f"{path} has {tok.vocab_size} tokens but config.json has vocab_size={cfg.vocab_size}: token ids "
+            f"{cfg.vocab_size}..{tok.vocab_size - 1} have no embedding row. Use the tokenizer the model was "
+            "trained with (or remove it and give token ids)"
+        )
+    for kind, own, configured in (("bos", tok.own_bos_id, cfg.bos_token_id), ("eos", tok.own_eos_id, cfg.eos_token_id)):
+        if own is not None and configured is not None and own != configured:
+            raise CheckpointError(
+                f"{path} has {kind.upper()} id {own} but config.json has {kind}_token_id={configured}; "
+                f"set {kind}_token_id to the tokenizer's id or use the tokenizer the model was trained with"
+            )
+    return path.name
+
+
 def _preview(names: list[str], limit: int = 12) -> str:
     shown = ", ".join(names[:limit])
     return shown + (f", … and {len(names) - limit} more" if len(names) > limit else "")
 
 
-__all__ = ["Checkpoint", "CheckpointError", "ConfigError", "TensorRef", "expected_tensors", "open_checkpoint"]
+__all__ = ["Checkpoint", "CheckpointError", "ConfigError", "TensorRef", "check_tokenizer", "expected_tensors",
+           "open_checkpoint"]

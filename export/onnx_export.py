@@ -7,10 +7,13 @@ bytes are copied from the safetensors shards into ``model.onnx.data`` in fixed-s
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import shutil
 import sys
+import threading
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -22,7 +25,7 @@ from mixtral_trt.manifest import check_output_dir, write_manifest
 
 from . import model as M
 from . import moe_op
-from .checkpoint import Checkpoint, CheckpointError, TensorRef, open_checkpoint
+from .checkpoint import Checkpoint, CheckpointError, TensorRef, check_tokenizer, open_checkpoint
 from .stitch import Initializer, build_graph, io_table
 
 MODEL_FILE = "model.onnx"
@@ -117,11 +120,15 @@ def export(
     max_seq_len = _check_limits(cfg, max_batch, max_seq_len)
     out_dir = Path(out_dir)
     check_output_dir(out_dir, "export", ExportError)
+    tokenizer = check_tokenizer(ckpt)
+    if tokenizer is None:  # a warning, not progress: shown even when progress is off
+        print(f"warning: no tokenizer in {ckpt.directory}: the build will take token ids only (--prompt-ids); "
+              "copy tokenizer.model there to generate from text", file=sys.stderr)  # fmt: skip
 
     from .trace import trace_pieces
 
-    _say(progress, f"tracing the decoder ({cfg.num_hidden_layers} layers share one trace)")
-    pieces = trace_pieces(cfg)
+    with _timed(progress, f"tracing the decoder (one trace for all {cfg.num_hidden_layers} layers, takes ~15 s)"):
+        pieces = trace_pieces(cfg)
     with atomic_dir(out_dir) as tmp:
         writer = DataWriter(tmp / DATA_FILE)
         try:
@@ -134,7 +141,9 @@ def export(
         for name in TOKENIZER_FILES:
             if (ckpt.directory / name).is_file():
                 shutil.copyfile(ckpt.directory / name, tmp / name)
-        write_manifest(tmp, "export", _manifest_body(ckpt, max_batch, max_seq_len, inits), {DATA_FILE: data_sha})
+        body = _manifest_body(ckpt, max_batch, max_seq_len, inits)
+        body["export"]["tokenizer"] = tokenizer  # the file name, or None: token ids only
+        write_manifest(tmp, "export", body, {DATA_FILE: data_sha})
     _say(progress, f"wrote {out_dir}")
     return out_dir
 
@@ -219,6 +228,38 @@ def _progress(it, enabled: bool, desc: str):
     from tqdm import tqdm
 
     return tqdm(it, desc=desc, unit="layer", file=sys.stderr)
+
+
+@contextlib.contextmanager
+def _timed(enabled: bool, message: str, tick: float = 1.0):
+    """A start line, then (on a terminal) the seconds ticking on it, then the time taken: a silent
+    wait of seconds otherwise looks like a hang."""
+    if not enabled:
+        yield
+        return
+    start, done = time.monotonic(), threading.Event()
+    live = sys.stderr.isatty()
+
+    def ticker() -> None:
+        while not done.wait(tick):
+            print(f"\r{message} ... {time.monotonic() - start:.0f} s", end="", file=sys.stderr, flush=True)
+
+    print(f"{message} ...", end="" if live else "\n", file=sys.stderr, flush=True)
+    thread = threading.Thread(target=ticker, daemon=True) if live else None
+    if thread:
+        thread.start()
+    finished = False
+    try:
+        yield
+        finished = True
+    finally:
+        done.set()
+        if thread:
+            thread.join()
+        if live and not finished:
+            print(file=sys.stderr)  # end the ticking line; the error follows on a line of its own
+    end = f"\r{message} ... done in" if live else "  done in"
+    print(f"{end} {time.monotonic() - start:.1f} s", file=sys.stderr, flush=True)
 
 
 def _say(enabled: bool, message: str) -> None:

@@ -1,7 +1,8 @@
 """Random-weight Mixtral checkpoints in Hugging Face's exact file layout, for tests and demos.
 
 The tokenizer is Mixtral's real SentencePiece model (shipped by mistral-common), so prompts
-tokenize exactly as they would for Mixtral-8x7B.
+tokenize exactly as they would for Mixtral-8x7B. A checkpoint with a smaller vocabulary gets no
+tokenizer (its ids would have no embedding row) and takes token ids only.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ TINY_CONFIG = MixtralConfig(
     max_position_embeddings=4096,
     torch_dtype="float32",
 )
+
+TOKENIZER_SIZE = 32000  # tokens in Mixtral's tokenizer.model
 
 # Real-text prompts (tokenized with Mixtral's tokenizer) for accuracy checks and demos.
 SAMPLE_PROMPTS = [
@@ -99,7 +102,8 @@ def random_weights(cfg: MixtralConfig, seed: int):
 
 
 def write_tiny(out_dir: str | Path, cfg: MixtralConfig = TINY_CONFIG, seed: int = TINY_SEED) -> Path:
-    """Write config.json, model.safetensors and tokenizer.model into ``out_dir`` atomically."""
+    """Write config.json, model.safetensors and (with a vocabulary of at least Mixtral's 32000 tokens)
+    tokenizer.model into ``out_dir`` atomically."""
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
@@ -110,7 +114,8 @@ def write_tiny(out_dir: str | Path, cfg: MixtralConfig = TINY_CONFIG, seed: int 
     with atomic_dir(out_dir) as tmp:
         (tmp / "config.json").write_text(json.dumps(cfg.to_hf(), indent=2) + "\n")
         save_file(random_weights(cfg, seed), str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        shutil.copyfile(tokenizer_source(), tmp / "tokenizer.model")
+        if cfg.vocab_size >= TOKENIZER_SIZE:
+            shutil.copyfile(tokenizer_source(), tmp / "tokenizer.model")
         (tmp / "generation_config.json").write_text(
             json.dumps({"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id}) + "\n"
         )

@@ -204,7 +204,8 @@ def main(ctx, model, precision, target, max_batch, max_seq_len, sms, int8_lm_hea
 @click.option("--top-k", type=click.IntRange(min=1), help="experts per token [default: 2]")
 @click.option("--heads", type=click.IntRange(min=1), help="query heads [default: 4]")
 @click.option("--kv-heads", type=click.IntRange(min=1), help="key/value heads [default: 2]")
-@click.option("--vocab", type=click.IntRange(min=1), help="vocab_size [default: 32000, Mixtral's tokenizer]")
+@click.option("--vocab", type=click.IntRange(min=1),
+              help="vocab_size [default: 32000, Mixtral's tokenizer; a smaller one gets no tokenizer: token ids only]")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @_user_errors
@@ -212,7 +213,8 @@ def tiny(out_dir, layers, hidden, intermediate, experts, top_k, heads, kv_heads,
     """Write a random-weight Mixtral checkpoint to OUT_DIR in Hugging Face's file layout.
 
     The checkpoint has config.json, model.safetensors (model.layers.N.block_sparse_moe.experts.E.w1|w2|w3
-    naming) and Mixtral's real tokenizer.model, so it loads in transformers and tokenizes like Mixtral.
+    naming) and Mixtral's real tokenizer.model, so it loads in transformers and tokenizes like Mixtral
+    (with --vocab below 32000 there is no tokenizer: its ids would have no embedding row).
     """
     from mixtral_trt.export.tiny import tiny_config, write_tiny
 

@@ -121,13 +121,13 @@ def check_target_sms(trt: trt_compat.TensorRT, sms) -> list[str]:
             raise EngineBuildError(
                 f"TensorRT-RTX {trt.version} cannot build for SM {', '.join(bad) or '(none given)'}; supported: "
                 f"{', '.join(trt.aot_sms())} (it has no SM90/SM100 target: build for H100/B200 with datacenter "
-                "TensorRT, target='tensorrt')"
+                "TensorRT, --target tensorrt)"
             )
         return chosen
     if sms is not None:
         raise EngineBuildError(
-            f"sms={list(sms)}: datacenter TensorRT builds for the GPU of this machine; ahead-of-time SM lists "
-            "are a TensorRT-RTX feature (target='tensorrt-rtx')"
+            f"--sm {','.join(map(str, sms))}: datacenter TensorRT builds for the GPU of this machine; ahead-of-time "
+            "SM lists are a TensorRT-RTX feature (--target tensorrt-rtx)"
         )
     return _current_gpu_sms()
 

@@ -98,7 +98,8 @@ def test_tiny_loads_in_transformers_with_every_weight(tmp_path):
     out = tmp_path / "tiny"
     result = invoke("tiny", str(out), *SMALL_ARGS, "--seed", "3")
     assert result.exit_code == 0, result.output
-    assert {"config.json", "model.safetensors", "tokenizer.model"} <= {p.name for p in out.iterdir()}
+    # vocab 200 < the 32000 tokens of Mixtral's tokenizer: no tokenizer, token ids only
+    assert {p.name for p in out.iterdir()} == {"config.json", "model.safetensors", "generation_config.json"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny"]  # no temporary leftovers
 
     config = json.loads((out / "config.json").read_text())
@@ -117,8 +118,6 @@ def test_tiny_loads_in_transformers_with_every_weight(tmp_path):
     torch.testing.assert_close(model.model.embed_tokens.weight, weights["model.embed_tokens.weight"], rtol=0, atol=0)
     torch.testing.assert_close(model.lm_head.weight, weights["lm_head.weight"], rtol=0, atol=0)
 
-    tokenizer = pytest.importorskip("sentencepiece").SentencePieceProcessor(model_file=str(out / "tokenizer.model"))
-    assert tokenizer.vocab_size() == 32000  # Mixtral's own tokenizer
 
 
 def test_tiny_refuses_non_empty_dir(tmp_path):

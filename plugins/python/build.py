@@ -14,7 +14,7 @@ there and CUTLASS costs a minute of compilation per architecture; for the others
 compiles (to stubs). Without CUTLASS headers the library is built without that opt-in path
 (``MOE_FLAG_PREFILL_SM90`` is then refused with the fix); every default path is there either way.
 
-    python -m mixtral_trt.plugins.build [--arch 90a ...] [--out-dir DIR]
+    python -m mixtral_trt.plugins.build [--arch 90a ...] [--out-dir DIR] [--nvcc PATH] [--quiet]
 """
 
 from __future__ import annotations
@@ -125,8 +125,8 @@ def nvcc_version(nvcc: str) -> str:
     path = shutil.which(nvcc)
     if path is None:
         raise BuildError(
-            f"nvcc not found ({nvcc!r}); install the CUDA toolkit (12.8 or newer), pass nvcc=<path>, or point "
-            "MIXTRAL_TRT_KERNELS_LIB at a prebuilt libmixtral_moe_top2.so"
+            f"nvcc not found ({nvcc!r}); install the CUDA toolkit (12.8 or newer), give nvcc's path (--nvcc PATH), "
+            "or point MIXTRAL_TRT_KERNELS_LIB at a prebuilt libmixtral_moe_top2.so"
         )
     out = subprocess.run([path, "--version"], capture_output=True, text=True, check=False)
     if out.returncode != 0:
@@ -174,15 +174,28 @@ def nvcc_commands(nvcc: str, archs, objects: Path, output: Path, cutlass: Path |
     return [kernels_cc, sm90_cc, [nvcc, *LINK_FLAGS, "-o", str(output), kernels_o, sm90_o]]
 
 
-def _run_nvcc(commands: list[list[str]]) -> None:
-    """The compiles side by side (two cores halve the wall time), then the link; the first failure raises."""
+def _target(cmd: list[str]) -> str:
+    """What one nvcc command makes, for progress lines: 'kernels.cu for sm_80, sm_90a' or the library."""
+    archs = [a.split("code=")[-1] for a in cmd if a.startswith("-gencode=")]
+    if "-c" in cmd:
+        return f"{Path(cmd[-1]).name} for {', '.join(archs)}"
+    return f"link {Path(cmd[cmd.index('-o') + 1]).name}"
+
+
+def _run_nvcc(commands: list[list[str]], say=None) -> None:
+    """The compiles side by side (two cores halve the wall time), then the link; the first failure raises.
+    ``say`` (a print-like callable, or None) hears each command's target as it starts and its time as it ends:
+    the compiles take minutes with no output of their own."""
+    say = say or (lambda message: None)
     *compiles, link = commands
     with tempfile.TemporaryFile("w+") as log0, tempfile.TemporaryFile("w+") as log1:
         logs, procs = [log0, log1][: len(compiles)], []
         try:
+            start = time.monotonic()
             for cmd, log in zip(compiles, logs):
+                say(f"  nvcc: {_target(cmd)} ...")
                 procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True))
-            codes = [p.wait() for p in procs]
+            codes = _wait_all(procs, [_target(c) for c in compiles], start, say)
         finally:  # interrupted: stop the other compile too
             for p in procs:
                 if p.poll() is None:
@@ -192,9 +205,26 @@ def _run_nvcc(commands: list[list[str]]) -> None:
             if code != 0:
                 log.seek(0)
                 _failed(cmd, code, log.read())
+    say(f"  nvcc: {_target(link)} ...")
+    start = time.monotonic()
     run = subprocess.run(link, capture_output=True, text=True, check=False)
     if run.returncode != 0:
         _failed(link, run.returncode, run.stderr + run.stdout)
+    say(f"  nvcc: {_target(link)} done in {time.monotonic() - start:.1f} s")
+
+
+def _wait_all(procs: list[subprocess.Popen], targets: list[str], start: float, say) -> list[int]:
+    """Exit codes of ``procs``, reporting each one as it finishes (in the order they finish)."""
+    codes: list[int | None] = [None] * len(procs)
+    while None in codes:
+        for i, proc in enumerate(procs):
+            if codes[i] is None and proc.poll() is not None:
+                codes[i] = proc.returncode
+                outcome = "done" if proc.returncode == 0 else f"failed (exit {proc.returncode})"
+                say(f"  nvcc: {targets[i]} {outcome} in {time.monotonic() - start:.1f} s")
+        if None in codes:
+            time.sleep(0.1)
+    return codes
 
 
 def _failed(cmd: list[str], code: int, output: str) -> NoReturn:
@@ -230,7 +260,7 @@ def build_library(out_dir=None, archs=DEFAULT_ARCHS, nvcc: str = "nvcc", verbose
                   file=sys.stderr, flush=True)  # fmt: skip
         with tempfile.TemporaryDirectory(prefix="mixtral-trt-objects-") as objects:
             commands = nvcc_commands(shutil.which(nvcc), archs, Path(objects), tmp / LIBRARY_NAME, cutlass)
-            _run_nvcc(commands)
+            _run_nvcc(commands, _progress if verbose else None)
         seconds = round(time.monotonic() - start, 1)
         record = {"key": key, "archs": list(archs), "sm90_archs": list(sm90_archs(archs)), "nvcc": ver,
                   "cutlass": cutlass_version(cutlass), "commands": commands, "seconds": seconds,
@@ -244,6 +274,10 @@ def build_library(out_dir=None, archs=DEFAULT_ARCHS, nvcc: str = "nvcc", verbose
     if verbose:
         print(f"built {lib} in {seconds} s", file=sys.stderr, flush=True)
     return lib
+
+
+def _progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 def _recorded_key(directory: Path) -> str | None:
@@ -265,9 +299,10 @@ def main(argv=None) -> int:
     ap.add_argument("--arch", action="append", help=f"SM architecture (repeatable) [default: {' '.join(DEFAULT_ARCHS)}]")
     ap.add_argument("--out-dir", type=Path, help="build here instead of the cache directory")
     ap.add_argument("--nvcc", default="nvcc", help="nvcc to use [default: nvcc on PATH]")
+    ap.add_argument("--quiet", action="store_true", help="no progress output (only the library's path)")
     args = ap.parse_args(argv)
     try:
-        lib = build_library(args.out_dir, tuple(args.arch or DEFAULT_ARCHS), args.nvcc)
+        lib = build_library(args.out_dir, tuple(args.arch or DEFAULT_ARCHS), args.nvcc, verbose=not args.quiet)
     except BuildError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -77,7 +77,8 @@ def shard(src: Path, dst: Path, n: int) -> Path:
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (dst / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     for name in ("config.json", "tokenizer.model", "generation_config.json"):
-        shutil.copyfile(src / name, dst / name)
+        if (src / name).is_file():
+            shutil.copyfile(src / name, dst / name)
     return dst
 
 
