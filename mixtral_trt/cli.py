@@ -3,6 +3,7 @@ so ``--help`` and argument errors work even where torch or TensorRT are missing.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import logging
@@ -133,7 +134,30 @@ def _parse_sms(ctx, param, value):
     return sms
 
 
+class _Cli(click.Group):
+    """The command group. A bad option or argument exits 1 like every other refusal (click's own
+    default is 2), still with click's usage line, a hint and one ``Error:`` line."""
+
+    def make_context(self, *args, **kwargs):
+        with _usage_exits_1():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx):
+        with _usage_exits_1():
+            return super().invoke(ctx)
+
+
+@contextlib.contextmanager
+def _usage_exits_1():
+    try:
+        yield
+    except click.UsageError as exc:
+        exc.exit_code = 1
+        raise
+
+
 @click.group(
+    cls=_Cli,
     invoke_without_command=True,
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
 )

@@ -153,7 +153,7 @@ def test_cli_sampling_values(build, args, words):
 @pytest.mark.parametrize("ids", ["1_0", "\uff11,2", "1,-", "--5"])
 def test_cli_ids_are_ascii_integers(build, ids):
     result = CliRunner().invoke(main, ["generate", str(build), "--prompt-ids", ids])
-    assert result.exit_code == 2 and "not a comma-separated list of integers" in result.output, result.output
+    assert result.exit_code == 1 and "not a comma-separated list of integers" in result.output, result.output
     assert "Traceback" not in result.output
 
 

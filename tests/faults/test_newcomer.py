@@ -94,6 +94,8 @@ def test_export_refuses_special_ids_that_contradict_the_sentencepiece_model(tmp_
     sp = sentencepiece.SentencePieceProcessor(model_file=str(ckpt / "tokenizer.model"))
     assert (sp.bos_id(), sp.eos_id())[kind == "eos"] == theirs  # the tokenizer's own id
     _edit_config(ckpt, **{field: value})
+    generation = ckpt / "generation_config.json"  # agrees with config.json: only the tokenizer disagrees
+    generation.write_text(json.dumps({**json.loads(generation.read_text()), field: value}))
     _assert_refused(_export_cli(ckpt, tmp_path / "out"), tmp_path / "out", f"{kind.upper()} id {theirs}",
                     f"{field}={value}")  # fmt: skip
 
