@@ -132,13 +132,18 @@ def load_config(model_dir: str | Path) -> MixtralConfig:
     path = Path(model_dir) / "config.json"
     if not path.is_file():
         raise ConfigError(f"{path} not found: a Hugging Face Mixtral checkpoint directory has a config.json")
+    raw = _json_object(path)
+    return MixtralConfig.from_hf(_with_generation_config(raw, path), source=str(path))
+
+
+def _json_object(path: Path) -> dict[str, Any]:
     try:
         raw = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise ConfigError(f"{path} is not valid JSON: {exc}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path} must hold a JSON object, found {type(raw).__name__}")
-    return MixtralConfig.from_hf(_with_generation_config(raw, path), source=str(path))
+    return raw
 
 
 def _with_generation_config(raw: dict[str, Any], path: Path) -> dict[str, Any]:
@@ -147,12 +152,7 @@ def _with_generation_config(raw: dict[str, Any], path: Path) -> dict[str, Any]:
     gen_path = path.with_name("generation_config.json")
     if not gen_path.is_file():
         return raw
-    try:
-        gen = json.loads(gen_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise ConfigError(f"{gen_path} is not valid JSON: {exc}") from None
-    if not isinstance(gen, dict):
-        raise ConfigError(f"{gen_path} must hold a JSON object, found {type(gen).__name__}")
+    gen = _json_object(gen_path)
     merged = dict(raw)
     for name in ("bos_token_id", "eos_token_id"):
         ours, theirs = raw.get(name), gen.get(name)

@@ -16,20 +16,10 @@ from click.testing import CliRunner
 from mixtral_trt import runtime
 from mixtral_trt.cli import main
 
-from ._generate_build import VOCAB, shared_export
+from ._generate_build import VOCAB
 
 NAN, INF = float("nan"), float("inf")
 GOOD = [[1, 415, 2936]]
-
-
-@pytest.fixture(scope="module")
-def build(tmp_path_factory):
-    return shared_export(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def model(build):
-    return runtime.load(build)
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from mixtral_trt import runtime
 from mixtral_trt.cli import main
 
-from ._generate_build import MAX_SEQ, VOCAB, shared_export
+from ._generate_build import MAX_SEQ, VOCAB
 
 NAN, INF = float("nan"), float("inf")
 
@@ -37,16 +37,6 @@ GOOD_PROMPTS = ["Hello", "Paris is", "é ü 日本", "\x00", b"caf\xc3\xa9", [1,
                 [np.int64(4), np.int32(9)], [0], [VOCAB - 1]]  # fmt: skip
 BAD_PROMPTS = ["", b"", [], [1.5], [1, True], [None], [[1]], [-1], [VOCAB], [2**64], None, {}, 3, "\ud800", b"\xff",
                "a\udcffb", [NAN], np.array([1.0]), np.array([[1]]), [1] * (MAX_SEQ + 1), "word " * 40]  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def build(tmp_path_factory):
-    return shared_export(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def model(build):
-    return runtime.load(build)
 
 
 @pytest.fixture(scope="module")
