@@ -48,7 +48,7 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     final = Path(final)
     with output_lock(final):
         remove_stale(final)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-{_owner()}-", dir=final.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-{owner_tag()}-", dir=final.parent))
         try:
             os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; give the usual permissions
             yield tmp
@@ -63,7 +63,7 @@ def scratch_dir(final: Path, kind: str) -> Path:
     so that :func:`remove_stale` removes it once its owner is dead. The caller deletes it."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{final.name}.{kind}-{_owner()}-", dir=final.parent))
+    return Path(tempfile.mkdtemp(prefix=f".{final.name}.{kind}-{owner_tag()}-", dir=final.parent))
 
 
 def replace_dir(tmp: Path, final: Path) -> None:
@@ -71,7 +71,7 @@ def replace_dir(tmp: Path, final: Path) -> None:
     old = None
     with _signals_deferred():  # Ctrl-C between the two renames would leave no `final` at all
         if final.exists():
-            old = final.parent / f".{final.name}.old-{_owner()}"
+            old = final.parent / f".{final.name}.old-{owner_tag()}"
             os.replace(final, old)
         os.replace(tmp, final)
     if old is not None:
@@ -97,7 +97,7 @@ def remove_stale(final: Path) -> list[Path]:
     removed = []
     for name in names:
         match = pattern.fullmatch(name)
-        if match is None or _alive(int(match[2]), int(match[3])):
+        if match is None or owner_alive(int(match[2]), int(match[3])):
             continue
         path = final.parent / name
         if match[1] == "old" and not os.path.lexists(final):
@@ -166,7 +166,8 @@ def _acquire(path: Path, final: Path) -> int:
         os.close(fd)
 
 
-def _owner() -> str:
+def owner_tag() -> str:
+    """``<pid>.<start time>``: names a temporary path so a later run can tell whether its writer lives."""
     pid = os.getpid()
     return f"{pid}.{_start_time(pid) or 0}"
 
@@ -184,7 +185,7 @@ def _start_time(pid: int) -> int | None:
     return None if fields[0] in ("Z", "X") else int(fields[19])
 
 
-def _alive(pid: int, start: int) -> bool:
+def owner_alive(pid: int, start: int) -> bool:
     """Is the process that wrote ``<pid>.<start>`` still running (and not a reuse of its pid)?"""
     if pid == os.getpid():
         return start == (_start_time(pid) or 0)

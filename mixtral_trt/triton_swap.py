@@ -20,17 +20,17 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .fsutil import atomic_write_text
+from .fsutil import atomic_write_text, owner_alive, owner_tag
 
 VERSION = "1"
-_LEFTOVER = re.compile(r"^\.(?:partial|old)-(\d+)-")
+_LEFTOVER = re.compile(r"^\.(?:partial|old)-(\d+)\.(\d+)-")
 
 
 def stage_version(model_dir: Path, files, copy) -> Path:
     """A hidden directory inside ``model_dir`` holding a whole version. ``files``: (source, name) with
     source a Path (placed with ``copy(src, dst)``) or a str (the file's text)."""
     model_dir.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".partial-{os.getpid()}-", dir=model_dir))
+    stage = Path(tempfile.mkdtemp(prefix=f".partial-{owner_tag()}-", dir=model_dir))
     os.chmod(stage, 0o755)
     try:
         for source, dest in files:
@@ -51,22 +51,10 @@ def remove_leftovers(model_dir: Path) -> list[Path]:
         return removed
     for path in model_dir.iterdir():
         match = _LEFTOVER.match(path.name)
-        if match and path.is_dir() and not _alive(int(match.group(1))):
+        if match and path.is_dir() and not owner_alive(int(match[1]), int(match[2])):
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
     return removed
-
-
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return False  # this process has nothing staged yet: anything of its pid is an earlier life's
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class Change:
@@ -91,7 +79,7 @@ class Change:
             self._undo.append(lambda: _exchange(stage, final))
             self._finish.append(stage)  # now holds the previous version
         else:  # no atomic exchange: a moment without the version, never a half-written one
-            old = model_dir / f".old-{os.getpid()}-{VERSION}"
+            old = model_dir / f".old-{owner_tag()}-{VERSION}"
             os.rename(final, old)
             self._undo.append(lambda: os.rename(old, final))
             os.rename(stage, final)
@@ -100,7 +88,7 @@ class Change:
 
     def retire(self, model_dir: Path) -> None:
         """Take a model of ours out of the repository (its version first, so Triton unloads it)."""
-        final, old = model_dir / VERSION, model_dir / f".old-{os.getpid()}-retired"
+        final, old = model_dir / VERSION, model_dir / f".old-{owner_tag()}-retired"
         if final.exists():
             os.rename(final, old)
             self._undo.append(lambda: os.rename(old, final))
