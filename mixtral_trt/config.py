@@ -222,8 +222,13 @@ class _Getter:
 
 
 # The annotations of MixtralConfig's fields (strings: postponed evaluation) and what each admits.
-_FIELD_TYPES = {"int": ((int,), "an integer"), "float": ((int, float), "a finite number"), "bool": ((bool,), "true or false"),
-                "str": ((str,), "a string"), "int | None": ((int, type(None)), "an integer or null")}  # fmt: skip
+_FIELD_TYPES = {
+    "int": ((int,), "an integer"),
+    "float": ((int, float), "a finite number"),
+    "bool": ((bool,), "true or false"),
+    "str": ((str,), "a string"),
+    "int | None": ((int, type(None)), "an integer or null"),
+}
 
 
 def _check_field_type(name: str, value: Any, annotation: str, source: str) -> None:

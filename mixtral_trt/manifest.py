@@ -132,7 +132,7 @@ def check_fields(manifest: dict, where: str) -> None:
     """Check, once when a manifest is read, the fields the stages and runtimes rely on, so that a
     hand-edited or damaged manifest is refused naming the field, never met later as a KeyError or
     TypeError; and that the I/O table is the one the config describes (a runtime sizes its KV cache
-    from the config and binds it by the table's names)."""
+    from the config and binds it by the table's names). ``manifest["config"]`` gets its defaults."""
     f = _Fields(where)
     stage = f.get(manifest, "stage", f"one of {list(STAGES)}", lambda v: v in STAGES)
     raw = f.get(manifest, "config", "an object of model config fields", _is_object)
@@ -145,11 +145,10 @@ def check_fields(manifest: dict, where: str) -> None:
     files = f.get(manifest, "files", "an object {name: {bytes, sha256}}", _is_object)
     for name, entry in files.items():
         if not plain_name(name):
-            f.fail(f"files lists {name!r}: not a plain file name in the directory", "")
-        f.get(f.get(files, name, "an object {bytes, sha256}", _is_object, "files."), "bytes",
-              "an integer >= 0", lambda v: _is_int(v, 0), f"files.{name}.")  # fmt: skip
-        f.get(files[name], "sha256", "64 lower-case hex digits", lambda v: isinstance(v, str) and _SHA256.fullmatch(v),
-              f"files.{name}.")  # fmt: skip
+            f.refuse(f"files lists {name!r}: not a plain file name in the directory")
+        f.check(f"files.{name}", "an object {bytes, sha256}", entry, _is_object)
+        f.get(entry, "bytes", "an integer >= 0", lambda v: _is_int(v, 0), f"files.{name}.")
+        f.get(entry, "sha256", "64 lower-case hex digits", _is_sha256, f"files.{name}.")
     _check_export(f, manifest, stage, cfg, files)
     _check_io(f, f.get(manifest, "io", "an object {inputs, outputs}", _is_object), cfg)
     for key in ("optimize", "engine", "tools"):
@@ -171,23 +170,20 @@ class _Fields:
     def __init__(self, where: str) -> None:
         self.where = where
 
-    def fail(self, field: str, expected: str, value: Any = _MISSING) -> NoReturn:
-        if not expected:
-            raise ManifestError(f"{self.where}: {field}; {_FIX}")
-        found = "it is missing" if value is _MISSING else f"found {_shown(value)}"
-        raise ManifestError(f"{self.where}: {field} must be {expected}, {found}; {_FIX}")
+    def refuse(self, what: str) -> NoReturn:
+        raise ManifestError(f"{self.where}: {what}; {_FIX}")
 
     def get(self, obj: dict, key: str, expected: str, ok: Callable[[Any], Any], prefix: str = "",
             required: bool = True) -> Any:  # fmt: skip
         if key not in obj:
             if required:
-                self.fail(prefix + key, expected)
+                self.refuse(f"{prefix}{key} must be {expected}, it is missing")
             return None
         return self.check(prefix + key, expected, obj[key], ok)
 
     def check(self, field: str, expected: str, value: Any, ok: Callable[[Any], Any]) -> Any:
         if not ok(value):
-            self.fail(field, expected, value)
+            self.refuse(f"{field} must be {expected}, found {_shown(value)}")
         return value
 
 
@@ -201,7 +197,7 @@ def _check_export(f: _Fields, manifest: dict, stage: str, cfg: MixtralConfig, fi
     for key in ("model_file", "data_file"):
         f.get(export, key, "a file name of the directory", plain_name, "export.", required=graph)
         if graph and export[key] not in files:
-            f.fail(f"export.{key}={export[key]!r} is not listed in files", "")
+            f.refuse(f"export.{key}={export[key]!r} is not listed in files")
 
 
 def _check_io(f: _Fields, io: dict, cfg: MixtralConfig) -> None:
@@ -214,32 +210,33 @@ def _check_io(f: _Fields, io: dict, cfg: MixtralConfig) -> None:
             f.get(entry, "dtype", "a dtype name", _is_text, at)
             f.get(entry, "shape", "a list of sizes (integers >= 0) and dim names", _is_shape, at)
             if name in names:
-                f.fail(f"io lists {name!r} twice", "")
+                f.refuse(f"io lists {name!r} twice")
             names[name] = entry
     wanted = {"input_ids", "position_ids", "write_indices", "logits", "past_key_values.0.key", "present.0.key"}
     missing = sorted(wanted - set(names))
     if missing:
-        f.fail(f"io lacks {missing} (every build has them)", "")
+        f.refuse(f"io lacks {missing} (every build has them)")
     layers = cfg.num_hidden_layers  # counted, not enumerated: a damaged count may be huge
     for prefix in ("past_key_values.", "present."):
         caches = [n for n in names if n.startswith(prefix)]
         slots = {_cache_slot(n, prefix) for n in caches} - {None}
         if len(slots) != len(caches) or len(caches) != 2 * layers or any(i >= layers for i, _ in slots):
-            f.fail(f"io lists {len(caches)} {prefix}* tensors; config.num_hidden_layers={layers} needs "
-                   f"{prefix}<layer>.key and .value for each layer 0..{layers - 1}", "")  # fmt: skip
+            f.refuse(f"io lists {len(caches)} {prefix}* tensors; config.num_hidden_layers={layers} needs "
+                     f"{prefix}<layer>.key and .value for each layer 0..{layers - 1}")  # fmt: skip
         for n in caches:
             shape = names[n]["shape"]
             if len(shape) != 4 or shape[1] != cfg.num_key_value_heads or shape[3] != cfg.head_dim:
-                f.fail(f"io {n!r} has shape {shape}; config gives [batch, num_key_value_heads="
-                       f"{cfg.num_key_value_heads}, max_cache_len, head_dim={cfg.head_dim}]", "")  # fmt: skip
-    if names["logits"]["shape"][-1:] != [cfg.vocab_size]:
-        f.fail(f"io 'logits' has shape {names['logits']['shape']}; config gives [batch, seq, vocab_size={cfg.vocab_size}]", "")
+                f.refuse(f"io {n!r} has shape {shape}; config gives [batch, num_key_value_heads="
+                         f"{cfg.num_key_value_heads}, max_cache_len, head_dim={cfg.head_dim}]")  # fmt: skip
+    logits = names["logits"]["shape"]
+    if logits[-1:] != [cfg.vocab_size]:
+        f.refuse(f"io 'logits' has shape {logits}; config gives [batch, seq, vocab_size={cfg.vocab_size}]")
 
 
 def _check_engine(f: _Fields, engine: dict, files: dict) -> None:
     plan = f.get(engine, "plan_file", "a file name of the directory", plain_name, "engine.", required=False)
     if (plan or "model.plan") not in files:
-        f.fail(f"engine.plan_file={plan or 'model.plan'!r} is not listed in files", "")
+        f.refuse(f"engine.plan_file={plan or 'model.plan'!r} is not listed in files")
     for key in ("target", "cache_dtype", "trt_version"):
         f.get(engine, key, "a string or null", lambda v: v is None or isinstance(v, str), "engine.", required=False)
     f.get(engine, "target_sms", "a list of names (sm_90)", lambda v: _is_list(v) and all(map(_is_text, v)), "engine.",
@@ -249,8 +246,9 @@ def _check_engine(f: _Fields, engine: dict, files: dict) -> None:
         at = f"engine.plugins[{n}]."
         f.check(at[:-1], "an object {name, version, namespace, library, ...}", p, _is_object)
         f.get(p, "name", "a plugin name", _is_text, at)
-        for key in ("namespace", "library", "sha256"):
+        for key in ("namespace", "sha256"):
             f.get(p, key, "a string or null", lambda v: v is None or isinstance(v, str), at, required=False)
+        f.get(p, "library", "null, a file name of the directory or an absolute path", _is_library, at, required=False)
         f.get(p, "version", "a version (\"1\")", lambda v: _is_text(v) or _is_int(v, 0), at, required=False)
         # Imported by the runtime to register its creator: only our own plugin modules.
         f.get(p, "python", "null or a module of mixtral_trt.plugins", _is_plugin_module, at, required=False)
@@ -259,7 +257,9 @@ def _check_engine(f: _Fields, engine: dict, files: dict) -> None:
 def _cache_slot(name: str, prefix: str) -> tuple[int, str] | None:
     """(layer, kind) of a cache tensor name such as past_key_values.3.value; None for another name."""
     layer, _, kind = name[len(prefix) :].partition(".")
-    if kind not in ("key", "value") or not (layer.isascii() and layer.isdigit() and len(layer) < 10) or str(int(layer)) != layer:
+    if kind not in ("key", "value") or not (layer.isascii() and layer.isdigit() and len(layer) < 10):
+        return None
+    if str(int(layer)) != layer:  # "03": not a name the exporter writes
         return None
     return int(layer), kind
 
@@ -282,6 +282,14 @@ def _is_int(v: Any, minimum: int) -> bool:
 
 def _is_shape(v: Any) -> bool:
     return isinstance(v, list) and all(_is_int(d, 0) or _is_text(d) for d in v)
+
+
+def _is_sha256(v: Any) -> bool:
+    return isinstance(v, str) and _SHA256.fullmatch(v) is not None
+
+
+def _is_library(v: Any) -> bool:
+    return v is None or plain_name(v) or (isinstance(v, str) and "\0" not in v and os.path.isabs(v))
 
 
 def _is_plugin_module(v: Any) -> bool:
