@@ -118,8 +118,10 @@ def verify_files(directory: Path, manifest: dict) -> None:
         elif path.is_symlink():
             problems.append(f"{name}: a symbolic link to {os.readlink(path)}; artifact files must be regular "
                             "files (replace the link with the file, or re-run the stage)")  # fmt: skip
-        elif not path.is_file():
+        elif not path.exists():
             problems.append(f"{name}: missing")
+        elif not path.is_file():
+            problems.append(f"{name}: not a regular file")
         elif path.stat().st_size != entry["bytes"]:
             problems.append(f"{name}: {path.stat().st_size} bytes, manifest says {entry['bytes']}")
         elif sha256_file(path) != entry["sha256"]:

@@ -247,6 +247,24 @@ def test_manifest_that_is_not_an_object(export_copy):
             read_manifest(export_copy)
 
 
+def test_listed_directory_is_not_a_regular_file(export_copy):
+    doc = json.loads((export_copy / MANIFEST).read_text())
+    (export_copy / "sub").mkdir()
+    doc["files"]["sub"] = {"bytes": 0, "sha256": "0" * 64}
+    (export_copy / MANIFEST).write_text(json.dumps(doc))
+    with pytest.raises(ManifestError, match="sub: not a regular file"):
+        read_manifest(export_copy)
+
+
+@pytest.mark.parametrize("max_batch", [2**70, 2**40])  # 2**40: petabytes, beyond any address space
+def test_kv_cache_too_large_for_memory_is_a_clean_error(export_copy, max_batch):
+    doc = json.loads((export_copy / MANIFEST).read_text())
+    doc["export"]["max_batch"] = max_batch  # a valid integer, but no machine holds that cache
+    (export_copy / MANIFEST).write_text(json.dumps(doc))
+    with pytest.raises(GenerationError, match=f"cannot allocate the KV cache .*max_batch={max_batch}"):
+        runtime.load(export_copy, verify=False)
+
+
 def test_damaged_previous_output_is_still_ours_to_replace(export_copy):
     doc = json.loads((export_copy / MANIFEST).read_text())
     (export_copy / MANIFEST).write_text(json.dumps({**doc, "export": 7}))
