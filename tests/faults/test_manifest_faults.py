@@ -89,12 +89,13 @@ def drive(directory: Path, doc: dict, readers) -> str:
     return "ok"
 
 
-def run_mutations(directory: Path, doc: dict, readers, count: int) -> dict[str, int]:
+def run_mutations(directory: Path, doc: dict, readers, count: int, rest: dict | None = None) -> dict[str, int]:
+    """Mutate ``doc`` (``rest``: further sections, kept as they are) and drive the readers over each."""
     rng = random.Random(SEED)
     seen, escaped = {"ok": 0, "refused": 0}, []
     for path, how, value in mutations(doc, count, rng):
         try:
-            seen[drive(directory, mutated(doc, path, how, value), readers)] += 1
+            seen[drive(directory, {**mutated(doc, path, how, value), **(rest or {})}, readers)] += 1
         except Exception as exc:  # the defect under test: report the mutation that let it through
             escaped.append(f"{how} {'.'.join(map(str, path))} = {value!r}: {type(exc).__name__}: {exc}"[:300])
     assert not escaped, f"{len(escaped)} mutations escaped as other exceptions:\n" + "\n".join(escaped[:15])
@@ -123,14 +124,7 @@ def test_mutated_export_manifest_loads_or_is_refused(export_copy):
     doc = json.loads((export_copy / MANIFEST).read_text())
     read = {k: doc[k] for k in ("format", "format_version", "stage", "config", "export", "io")}
     rest = {k: v for k, v in doc.items() if k not in read}
-    rng = random.Random(SEED)
-    seen, escaped = {"ok": 0, "refused": 0}, []
-    for path, how, value in mutations(read, 300, rng):
-        try:
-            seen[drive(export_copy, {**mutated(read, path, how, value), **rest}, [_load_and_generate])] += 1
-        except Exception as exc:
-            escaped.append(f"{how} {'.'.join(map(str, path))} = {value!r}: {type(exc).__name__}: {exc}"[:300])
-    assert not escaped, f"{len(escaped)} mutations escaped as other exceptions:\n" + "\n".join(escaped[:15])
+    seen = run_mutations(export_copy, read, [_load_and_generate], count=300, rest=rest)
     assert seen["refused"] > 200 and seen["ok"] > 20, seen
     # The untouched manifest still loads and generates.
     (export_copy / MANIFEST).write_text(json.dumps(doc))
