@@ -205,7 +205,8 @@ EngineSection parse_engine(const Reader& r) {
       PluginSpec s{p.string("name", ""),    p.text("version", "1"),  p.string("namespace", ""),
                    p.string("library", ""), p.string("sha256", ""), p.string("python", "")};
       if (s.name.empty()) p.fail("name", "a plugin name", list[n].value("name", json()));
-      if (!s.library.empty() && !std::filesystem::path(s.library).is_absolute() && !is_plain_file_name(s.library))
+      const bool absolute = std::filesystem::path(s.library).is_absolute() && s.library.find('\0') == std::string::npos;
+      if (!s.library.empty() && !absolute && !is_plain_file_name(s.library))
         p.fail("library", "null, a file name of the build directory or an absolute path", s.library);
       e.plugins.push_back(std::move(s));
     }
@@ -226,10 +227,8 @@ std::string hex(const unsigned char* bytes, unsigned size) {
 }  // namespace
 
 bool is_plain_file_name(const std::string& name) {
-  if (name.empty() || name == "." || name == ".." || name.find('/') != std::string::npos ||
-      name.find('\0') != std::string::npos)
-    return false;
-  return true;
+  return !(name.empty() || name == "." || name == ".." || name.find('/') != std::string::npos ||
+           name.find('\0') != std::string::npos);
 }
 
 const TensorSpec* IoTable::find(const std::string& name) const {
@@ -324,13 +323,13 @@ void verify_files(const Manifest& m) {
   std::vector<std::string> problems;
   for (const auto& [name, entry] : m.files) {
     const std::filesystem::path path = m.path_of(name);
-    std::error_code ec;
-    // Not followed: a link could be repointed after hashing (mixtral_trt/manifest.py refuses it too).
-    const std::filesystem::file_status status = std::filesystem::symlink_status(path, ec);
     if (!is_plain_file_name(name)) {
       problems.push_back(quoted(json(name)) + ": not a plain file name in the directory (manifest corrupt or crafted)");
       continue;
     }
+    std::error_code ec;
+    // Not followed: a link could be repointed after hashing (mixtral_trt/manifest.py refuses it too).
+    const std::filesystem::file_status status = std::filesystem::symlink_status(path, ec);
     if (std::filesystem::is_symlink(status)) {
       problems.push_back(name + ": a symbolic link; artifact files must be regular files (replace the link with the "
                          "file, or re-run the stage)");
