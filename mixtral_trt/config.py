@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -48,12 +49,21 @@ class MixtralConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> MixtralConfig:
-        """Build from a manifest's ``config`` entry (already our own field names)."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(raw) - names)
+    def from_dict(cls, raw: dict[str, Any], source: str = "config") -> MixtralConfig:
+        """Build from a manifest's ``config`` entry (already our own field names), each field's type checked."""
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{source} must be an object of config fields, found {type(raw).__name__}")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - set(fields))
         if unknown:
-            raise ConfigError(f"unknown config fields {unknown}; expected only {sorted(names)}")
+            raise ConfigError(f"{source}: unknown config fields {unknown}; expected only {sorted(fields)}")
+        missing = sorted(n for n, f in fields.items() if n not in raw and f.default is dataclasses.MISSING)
+        if missing:
+            raise ConfigError(f"{source}: required config fields {missing} are missing")
+        for name, value in raw.items():
+            _check_field_type(name, value, fields[name].type, source)
+        if raw.get("torch_dtype", "bfloat16") not in SUPPORTED_DTYPES:
+            raise ConfigError(f"{source}: torch_dtype={raw['torch_dtype']!r}; expected one of {SUPPORTED_DTYPES}")
         return cls(**raw)
 
     @classmethod
@@ -211,6 +221,31 @@ class _Getter:
         return float(value)
 
 
+# The annotations of MixtralConfig's fields (strings: postponed evaluation) and what each admits.
+_FIELD_TYPES = {
+    "int": ((int,), "an integer"),
+    "float": ((int, float), "a finite number"),
+    "bool": ((bool,), "true or false"),
+    "str": ((str,), "a string"),
+    "int | None": ((int, type(None)), "an integer or null"),
+}
+
+
+def _check_field_type(name: str, value: Any, annotation: str, source: str) -> None:
+    types, expected = _FIELD_TYPES[annotation]
+    bad = isinstance(value, bool) and bool not in types  # JSON true is not the integer 1 here
+    if bad or not isinstance(value, types) or (annotation == "float" and not _finite(value)):
+        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+        raise ConfigError(f"{source}: field {name!r} must be {expected}, found {shown}")
+
+
+def _finite(value: float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer too large for a float
+        return False
+
+
 def _as_int(value: Any, name: str, source: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ConfigError(f"{source}: field {name!r} must be an integer, found {value!r}")
@@ -314,3 +349,8 @@ def _check_dims(c: MixtralConfig) -> None:
         )
     if c.rms_norm_eps <= 0:
         raise ConfigError(f"config field rms_norm_eps={c.rms_norm_eps} must be > 0")
+    if c.rope_theta <= 0:
+        raise ConfigError(f"config field rope_theta={c.rope_theta} must be > 0")
+    for name in ("bos_token_id", "eos_token_id"):
+        if getattr(c, name) is not None and getattr(c, name) < 0:
+            raise ConfigError(f"config field {name}={getattr(c, name)} must be a token id >= 0 (or null: none)")

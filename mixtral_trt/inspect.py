@@ -30,7 +30,7 @@ def describe(m: dict) -> str:
             lines.append(f"profile    {p}")
         for plug in eng.get("plugins", []):
             where = plug.get("library") or "Python creator (mixtral_trt.plugins)"
-            lines.append(f"plugin     {plug['namespace']}::{plug['name']} v{plug['version']} from {where}")
+            lines.append(f"plugin     {plug.get('namespace', '')}::{plug['name']} v{plug.get('version', 1)} from {where}")
     io = m.get("io", {})
     for kind in ("inputs", "outputs"):
         entries = io.get(kind, [])

@@ -50,11 +50,18 @@ class OnnxRuntimeBackend:
         self._bindings: dict[int, object] = {}
         self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
         keys = [(i, kind) for i in range(self.layers) for kind in ("key", "value")]
-        if self.device == "cuda":
-            zeros = np.zeros(shape, self.cache_dtype)
-            self.cache = {k: ort.OrtValue.ortvalue_from_numpy(zeros, "cuda", 0) for k in keys}
-        else:
-            self.cache = {k: np.zeros(shape, self.cache_dtype) for k in keys}
+        try:
+            if self.device == "cuda":
+                zeros = np.zeros(shape, self.cache_dtype)
+                self.cache = {k: ort.OrtValue.ortvalue_from_numpy(zeros, "cuda", 0) for k in keys}
+            else:
+                self.cache = {k: np.zeros(shape, self.cache_dtype) for k in keys}
+        except (MemoryError, ValueError) as exc:  # ValueError: numpy's "Maximum allowed dimension exceeded"
+            raise GenerationError(
+                f"cannot allocate the KV cache of {build_dir}: {len(keys)} buffers of {list(shape)} "
+                f"{np.dtype(self.cache_dtype).name} ({exc}); the build's max_batch={self.max_batch} and "
+                f"max_seq_len={self.max_seq_len} need more memory than there is: rebuild with smaller limits"
+            ) from None
 
     def cache_address(self, layer: int, kind: str) -> int:
         buf = self.cache[(layer, kind)]

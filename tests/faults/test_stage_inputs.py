@@ -23,7 +23,7 @@ from mixtral_trt.cli import main
 from mixtral_trt.config import ConfigError, MixtralConfig, load_config
 from mixtral_trt.export import moe_schema
 from mixtral_trt.export.checkpoint import CheckpointError, read_header
-from mixtral_trt.manifest import MANIFEST, ManifestError, read_manifest, write_manifest
+from mixtral_trt.manifest import MANIFEST, ManifestError, file_entry, read_manifest
 from mixtral_trt.onnx_files import ExternalDataError
 from mixtral_trt.optimize import engine, lowering, precision
 from mixtral_trt.optimize.lowering import LoweringError, lower_for_onnxruntime
@@ -62,10 +62,9 @@ def flip_byte(path: Path, at: int) -> None:
 def reseal(directory: Path) -> None:
     """Rewrite the manifest over the directory's current files: a crafted artifact whose hashes match."""
     manifest = read_manifest(directory, verify=False)
-    body = {k: v for k, v in manifest.items() if k not in ("format", "format_version", "stage", "files")}
-    written = write_manifest(directory, manifest["stage"], body)
-    written["files"] = {n: e for n, e in written["files"].items() if not (directory / n).is_symlink()}
-    (directory / MANIFEST).write_text(json.dumps(written))
+    manifest["files"] = {p.name: file_entry(p) for p in sorted(directory.iterdir())
+                         if p.name != MANIFEST and p.is_file() and not p.is_symlink()}  # fmt: skip
+    (directory / MANIFEST).write_text(json.dumps(manifest))
 
 
 def load_for_onnxruntime(src: Path, out: Path):

@@ -238,11 +238,17 @@ def test_datacenter_tensorrt_refuses_an_sm_list():
 
 
 def test_engines_are_built_from_canonical_graphs_only(tmp_path):
+    from mixtral_trt.export.stitch import io_table
+    from mixtral_trt.export.tiny import tiny_config
     from mixtral_trt.manifest import write_manifest
     from mixtral_trt.optimize import engine
 
     (tmp_path / "model.onnx").write_bytes(b"")
-    body = {"export": {"model_file": "model.onnx"}, "optimize": {"target": "onnxruntime"}}
+    (tmp_path / "model.onnx.data").write_bytes(b"")
+    cfg = tiny_config()
+    export_info = {"model_file": "model.onnx", "data_file": "model.onnx.data", "precision": "fp32", "max_batch": 1,
+                   "max_seq_len": 16}  # fmt: skip
+    body = {"config": cfg.to_dict(), "export": export_info, "io": io_table(cfg), "optimize": {"target": "onnxruntime"}}
     write_manifest(tmp_path, "optimize", body)
     with pytest.raises(engine.EngineBuildError, match="optimize output for target 'onnxruntime'"):
         engine.build(tmp_path, tmp_path.parent / "engine", progress=False)

@@ -15,7 +15,17 @@ namespace {
 
 using nlohmann::json;
 
-std::string quoted(const json& value) { return value.is_null() ? "null" : value.dump(); }
+std::string quoted(const json& value) {
+  if (value.is_null()) return "null";
+  std::string text = value.dump(-1, ' ', false, json::error_handler_t::replace);
+  return text.size() <= 60 ? text : text.substr(0, 57) + "...";
+}
+
+bool is_hex_digest(const std::string& s) {
+  return s.size() == 64 && std::all_of(s.begin(), s.end(), [](char c) {
+           return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'f');
+         });
+}
 
 // Typed reads of one object's fields; errors name the manifest, the field and what was found.
 class Reader {
@@ -107,11 +117,21 @@ ModelConfig parse_config(const Reader& r) {
   c.torch_dtype = r.string("torch_dtype", "");
   const std::pair<const char*, int64_t> positive[] = {
       {"vocab_size", c.vocab_size},
+      {"hidden_size", c.hidden_size},
+      {"intermediate_size", c.intermediate_size},
       {"num_hidden_layers", c.num_hidden_layers},
+      {"num_attention_heads", c.num_attention_heads},
       {"num_key_value_heads", c.num_key_value_heads},
-      {"head_dim", c.head_dim}};
+      {"head_dim", c.head_dim},
+      {"num_local_experts", c.num_local_experts},
+      {"num_experts_per_tok", c.num_experts_per_tok},
+      {"max_position_embeddings", c.max_position_embeddings}};
   for (const auto& [key, value] : positive)
     if (value < 1) r.fail(key, "a positive integer", value);
+  if (!(c.rms_norm_eps > 0)) r.fail("rms_norm_eps", "a positive number", c.rms_norm_eps);
+  if (!(c.rope_theta > 0)) r.fail("rope_theta", "a positive number", c.rope_theta);
+  for (const auto& [key, id] : {std::pair{"bos_token_id", c.bos_token_id}, std::pair{"eos_token_id", c.eos_token_id}})
+    if (id && *id < 0) r.fail(key, "a token id >= 0 or null", *id);
   return c;
 }
 
@@ -126,12 +146,12 @@ std::vector<TensorSpec> parse_tensors(const Reader& io, const char* key) {
     TensorSpec t{r.string("name", ""), r.string("dtype", ""), {}};
     if (t.name.empty()) r.fail("name", "a non-empty string", e.value("name", json()));
     for (const json& d : r.array("shape")) {
-      if (d.is_number_integer()) {
+      if (d.is_number_integer() && d.get<int64_t>() >= 0) {
         t.shape.push_back(Dim{d.get<int64_t>(), ""});
       } else if (d.is_string() && !d.get<std::string>().empty()) {
         t.shape.push_back(Dim{-1, d.get<std::string>()});
       } else {
-        r.fail("shape", "a list of integers and dim names", e.at("shape"));
+        r.fail("shape", "a list of sizes (integers >= 0) and dim names", e.at("shape"));
       }
     }
     out.push_back(std::move(t));
@@ -163,6 +183,7 @@ std::vector<Profile> parse_profiles(const Reader& eng) {
 EngineSection parse_engine(const Reader& r) {
   EngineSection e;
   e.plan_file = r.string("plan_file", "model.plan");
+  if (!is_plain_file_name(e.plan_file)) r.fail("plan_file", "a file name of the build directory", e.plan_file);
   e.target = r.string("target", "");
   if (!e.target.empty() && e.target != "tensorrt" && e.target != "tensorrt_rtx")
     r.fail("target", "\"tensorrt\" or \"tensorrt_rtx\"", e.target);
@@ -184,6 +205,9 @@ EngineSection parse_engine(const Reader& r) {
       PluginSpec s{p.string("name", ""),    p.text("version", "1"),  p.string("namespace", ""),
                    p.string("library", ""), p.string("sha256", ""), p.string("python", "")};
       if (s.name.empty()) p.fail("name", "a plugin name", list[n].value("name", json()));
+      const bool absolute = std::filesystem::path(s.library).is_absolute() && s.library.find('\0') == std::string::npos;
+      if (!s.library.empty() && !absolute && !is_plain_file_name(s.library))
+        p.fail("library", "null, a file name of the build directory or an absolute path", s.library);
       e.plugins.push_back(std::move(s));
     }
   }
@@ -201,6 +225,11 @@ std::string hex(const unsigned char* bytes, unsigned size) {
 }
 
 }  // namespace
+
+bool is_plain_file_name(const std::string& name) {
+  return !(name.empty() || name == "." || name == ".." || name.find('/') != std::string::npos ||
+           name.find('\0') != std::string::npos);
+}
 
 const TensorSpec* IoTable::find(const std::string& name) const {
   for (const auto* list : {&inputs, &outputs})
@@ -256,10 +285,16 @@ Manifest parse_manifest(const json& doc, const std::filesystem::path& directory,
   m.io.inputs = parse_tensors(io, "inputs");
   m.io.outputs = parse_tensors(io, "outputs");
   for (const auto& [name, entry] : top.object("files").items()) {
-    if (!entry.is_object()) top.fail("files", "an object of {bytes, sha256}", entry);
+    if (!is_plain_file_name(name))
+      throw ManifestError(where + ": files lists " + quoted(json(name)) +
+                          ": not a plain file name in the directory (manifest corrupt or crafted)");
+    if (!entry.is_object()) top.fail(("files." + name).c_str(), "an object of {bytes, sha256}", entry);
     Reader f(entry, where, "files." + name + ".");
-    m.files[name] = FileEntry{static_cast<uint64_t>(f.integer("bytes")), f.string("sha256", "")};
-    if (m.files[name].sha256.size() != 64) f.fail("sha256", "64 hex digits", entry.value("sha256", json()));
+    const int64_t bytes = f.integer("bytes");
+    if (bytes < 0) f.fail("bytes", "an integer >= 0", bytes);
+    m.files[name] = FileEntry{static_cast<uint64_t>(bytes), f.string("sha256", "")};
+    if (!is_hex_digest(m.files[name].sha256))
+      f.fail("sha256", "64 lower-case hex digits", entry.value("sha256", json()));
   }
   if (top.has("engine")) m.engine = parse_engine(Reader(top.object("engine"), where, "engine."));
   m.raw = std::make_shared<const json>(doc);
@@ -288,9 +323,24 @@ void verify_files(const Manifest& m) {
   std::vector<std::string> problems;
   for (const auto& [name, entry] : m.files) {
     const std::filesystem::path path = m.path_of(name);
+    if (!is_plain_file_name(name)) {
+      problems.push_back(quoted(json(name)) + ": not a plain file name in the directory (manifest corrupt or crafted)");
+      continue;
+    }
     std::error_code ec;
-    if (!std::filesystem::is_regular_file(path, ec)) {
+    // Not followed: a link could be repointed after hashing (mixtral_trt/manifest.py refuses it too).
+    const std::filesystem::file_status status = std::filesystem::symlink_status(path, ec);
+    if (std::filesystem::is_symlink(status)) {
+      problems.push_back(name + ": a symbolic link; artifact files must be regular files (replace the link with the "
+                         "file, or re-run the stage)");
+      continue;
+    }
+    if (!std::filesystem::exists(status)) {
       problems.push_back(name + ": missing");
+      continue;
+    }
+    if (!std::filesystem::is_regular_file(status)) {
+      problems.push_back(name + ": not a regular file");
       continue;
     }
     const uint64_t size = std::filesystem::file_size(path, ec);

@@ -4,6 +4,9 @@
 
 #include <nlohmann/json.hpp>
 
+#include <random>
+
+#include "mixtral/kv_cache.h"
 #include "test_util.h"
 
 namespace mixtral {
@@ -169,6 +172,145 @@ TEST(Manifest, NamesTheBadField) {
   doc = engine_manifest();
   doc["engine"]["plugins"][0].erase("name");
   EXPECT_THROW_WITH(parse_manifest(doc, "d"), ManifestError, "engine.plugins[0].name");
+}
+
+TEST(Manifest, RefusesLinkedAndNonRegularFiles) {
+  TempDir dir = artifact(engine_manifest());
+  // The link points at identical bytes: every hash matches, only the link is wrong.
+  write_file(dir.path() / "elsewhere.plan", "hello");
+  std::filesystem::remove(dir.path() / "model.plan");
+  std::filesystem::create_symlink(dir.path() / "elsewhere.plan", dir.path() / "model.plan");
+  EXPECT_THROW_WITH(read_manifest(dir.path()), ManifestError, "model.plan: a symbolic link",
+                    "must be regular files");
+  EXPECT_NO_THROW(read_manifest(dir.path(), {}, /*verify=*/false));  // the link is a file check, not a field
+
+  json doc = engine_manifest();
+  doc["files"]["tokenizer.model"] = {{"bytes", 0}, {"sha256", kEmptySha}};
+  TempDir other = artifact(doc);
+  std::filesystem::create_directory(other.path() / "tokenizer.model");
+  EXPECT_THROW_WITH(read_manifest(other.path()), ManifestError, "tokenizer.model: not a regular file");
+}
+
+TEST(Manifest, RefusesNamesOutsideTheDirectory) {
+  for (const char* name : {"../outside", "/etc/passwd", "", "sub/model.plan", ".", ".."}) {
+    json doc = engine_manifest();
+    doc["files"][name] = {{"bytes", 1}, {"sha256", kEmptySha}};
+    SCOPED_TRACE(name);
+    EXPECT_THROW_WITH(parse_manifest(doc, "d"), ManifestError, "not a plain file name");
+  }
+  json doc = engine_manifest();
+  doc["engine"]["plan_file"] = "../model.plan";
+  EXPECT_THROW_WITH(parse_manifest(doc, "d"), ManifestError, "engine.plan_file must be a file name",
+                    "\"../model.plan\"");
+  doc = engine_manifest();
+  doc["engine"]["plugins"][0]["library"] = "../lib/libmoe.so";
+  EXPECT_THROW_WITH(parse_manifest(doc, "d"), ManifestError, "engine.plugins[0].library");
+  doc["engine"]["plugins"][0]["library"] = "/opt/plugins/libmoe.so";  // an absolute path is allowed
+  EXPECT_NO_THROW(parse_manifest(doc, "d"));
+  EXPECT_TRUE(is_plain_file_name("model.onnx.data"));
+  EXPECT_FALSE(is_plain_file_name(std::string("a\0b", 3)));
+}
+
+TEST(Manifest, RefusesMalformedFileEntries) {
+  const std::pair<json, const char*> cases[] = {
+      {json::array(), "files must be an object"},
+      {{{"model.plan", 5}}, "files.model.plan must be an object of {bytes, sha256}"},
+      {{{"model.plan", {{"bytes", -1}, {"sha256", kHelloSha}}}}, "files.model.plan.bytes must be an integer >= 0"},
+      {{{"model.plan", {{"bytes", "5"}, {"sha256", kHelloSha}}}}, "files.model.plan.bytes must be an integer"},
+      {{{"model.plan", {{"bytes", 5}, {"sha256", std::string(64, 'g')}}}}, "files.model.plan.sha256 must be 64"},
+      {{{"model.plan", {{"bytes", 5}, {"sha256", std::string(64, 'A')}}}}, "files.model.plan.sha256 must be 64"},
+      {{{"model.plan", {{"bytes", 5}, {"sha256", 7}}}}, "files.model.plan.sha256 must be a string"},
+  };
+  for (const auto& [files, message] : cases) {
+    json doc = engine_manifest();
+    doc["files"] = files;
+    SCOPED_TRACE(files.dump());
+    EXPECT_THROW_WITH(parse_manifest(doc, "d"), ManifestError, message);
+  }
+  json doc = engine_manifest();
+  doc["io"]["inputs"][0]["shape"] = {"batch", -1};
+  EXPECT_THROW_WITH(parse_manifest(doc, "d"), ManifestError, "io.inputs[0].shape must be a list of sizes");
+  doc = engine_manifest();
+  doc["config"]["num_local_experts"] = 0;
+  EXPECT_THROW_WITH(parse_manifest(doc, "d"), ManifestError, "config.num_local_experts must be a positive integer");
+  doc = engine_manifest();
+  doc["config"]["eos_token_id"] = -2;
+  EXPECT_THROW_WITH(parse_manifest(doc, "d"), ManifestError, "config.eos_token_id must be a token id >= 0");
+}
+
+// Every location of a document, as JSON pointers, parents before children.
+void locations(const json& value, const json::json_pointer& at, std::vector<json::json_pointer>& out) {
+  if (value.is_object()) {
+    for (const auto& [key, child] : value.items()) {
+      out.push_back(at / key);
+      locations(child, at / key, out);
+    }
+  } else if (value.is_array()) {
+    for (size_t i = 0; i < value.size(); ++i) {
+      out.push_back(at / i);
+      locations(value[i], at / i, out);
+    }
+  }
+}
+
+json random_json(std::mt19937_64& rng, int depth = 0) {
+  switch (rng() % (depth < 3 ? 7 : 5)) {
+    case 0: return json::array({nullptr, true, false})[rng() % 3];
+    case 1: return json::array({0, 1, -1, 7, INT64_MAX, UINT64_MAX, INT64_MIN})[rng() % 7];
+    case 2: return json::array({0.0, -0.5, 1e-9, 1e308, 2.5})[rng() % 5];
+    case 3: case 4: return json::array({"", "a", "model.plan", "float16", "batch", "..", "/x", "sm_90"})[rng() % 8];
+    case 5: {
+      json out = json::array();
+      for (size_t n = rng() % 4; n > 0; --n) out.push_back(random_json(rng, depth + 1));
+      return out;
+    }
+    default: {
+      json out = json::object();
+      for (const char* key : {"name", "bytes", "shape"})
+        if (rng() % 2) out[key] = random_json(rng, depth + 1);
+      return out;
+    }
+  }
+}
+
+// Every reader of a parsed manifest: a malformed one must end in ManifestError, nothing else.
+void read_all(const json& doc) {
+  const Manifest m = parse_manifest(doc, "d");
+  (void)to_json(m).dump();
+  (void)kv_cache_layout(m);
+}
+
+TEST(Manifest, MutationsEndInManifestErrorOnly) {
+  const json base = engine_manifest();
+  std::vector<json::json_pointer> where;
+  locations(base, json::json_pointer(), where);
+  std::vector<std::pair<json::json_pointer, json>> mutations;  // a null json_pointer value: delete
+  std::mt19937_64 rng(18);
+  for (const auto& p : where) mutations.emplace_back(p, json(json::value_t::discarded));
+  for (int n = 0; n < 1500; ++n) mutations.emplace_back(where[rng() % where.size()], random_json(rng));
+  int refused = 0, read = 0;
+  std::vector<std::string> escaped;
+  for (const auto& [p, value] : mutations) {
+    json doc = base;
+    if (value.is_discarded()) {
+      json& parent = doc[p.parent_pointer()];
+      if (parent.is_object()) parent.erase(p.back());
+      else parent.erase(static_cast<size_t>(std::stoul(p.back())));
+    } else {
+      doc[p] = value;
+    }
+    try {
+      read_all(doc);
+      ++read;
+    } catch (const ManifestError&) {
+      ++refused;
+    } catch (const std::exception& e) {
+      escaped.push_back(p.to_string() + " = " + (value.is_discarded() ? "(deleted)" : value.dump()) + ": " + e.what());
+    }
+  }
+  EXPECT_TRUE(escaped.empty()) << escaped.size() << " mutations escaped, first: " << escaped.front();
+  EXPECT_GT(refused, 500);  // both outcomes happen: the mutations reach the checks
+  EXPECT_GT(read, 100);
 }
 
 // Manifests written by mixtral_trt (a real tiny export and an engine-stage manifest).

@@ -2,8 +2,9 @@
 //
 // A directory written by a stage carries manifest.json: {format "mixtral-trt", format_version 1,
 // stage, config, export, io, files, engine (engine builds only), tools}. read_manifest() refuses
-// another format, format version or stage, and (verify = true) any listed file whose size or
-// sha256 differs, with the file named in the message.
+// another format, format version or stage, a malformed field (named, e.g. "export.max_batch must
+// be an integer"), a listed name that is not a plain file name, and (verify = true) any listed
+// file that is a symbolic link, not a regular file, or whose size or sha256 differs.
 #pragma once
 
 #include <array>
@@ -130,9 +131,14 @@ Manifest read_manifest(const std::filesystem::path& directory, const std::vector
 Manifest parse_manifest(const nlohmann::json& doc, const std::filesystem::path& directory,
                         const std::string& where = kManifestFile);
 
-// Check every listed file exists with the recorded size and sha256; throws ManifestError listing
-// each problem.
+// Check every listed file is a regular file of the directory (not a symbolic link, which could be
+// repointed after hashing) with the recorded size and sha256; throws ManifestError listing each
+// problem.
 void verify_files(const Manifest& manifest);
+
+// A name of a file in the directory itself: not empty, not "." or "..", no '/' (so not absolute),
+// no NUL. Every file a manifest lists, and engine.plan_file, must be one.
+bool is_plain_file_name(const std::string& name);
 
 // Lower-case hex SHA-256 of a file's bytes (streamed; files of any size).
 std::string sha256_file(const std::filesystem::path& path);
