@@ -115,8 +115,9 @@ def _check_bf16(build_dir: Path, manifest: dict, cache_dtype, providers: list[st
     if (precision == "bf16" or cache_dtype is ml_dtypes.bfloat16) and "CUDAExecutionProvider" not in providers:
         raise GenerationError(
             f"{build_dir} is a bf16 build and ONNX Runtime on CPU has no bf16 MatMul; run an fp32 build "
-            "(`mixtral-build optimize EXPORT_DIR --precision fp32`, or the onnxruntime/ directory of a "
-            "--precision bf16 build, which is fp32) or this build's TensorRT engine (--backend tensorrt)"
+            "(the fp32/ directory beside it in a --precision bf16 build, which `mixtral-build generate OUT` "
+            "picks, or `mixtral-build optimize EXPORT_DIR --precision fp32`) or this build's TensorRT engine "
+            "(--backend tensorrt)"
         )
 
 
