@@ -25,7 +25,8 @@ another GEMM path when an expert receives a single token, so batched decode logi
 from batch-1 ones in the last float32 bits, ~1e-6; tokens flip only at such a near-tie.)
 
 Threads: ``submit``/``cancel`` from any thread. Either a background thread runs the loop
-(``start()``/``stop()``/``close()``, or ``with Executor(...)``), or callers drive it: iterating
+(``start()``/``stop()``, or ``with executor:``; ``close()`` also cancels what is left and
+refuses new requests), or callers drive it: iterating
 a handle, ``result()``, ``generate`` and :meth:`run_until_idle` step it in the calling thread.
 """
 
@@ -217,7 +218,9 @@ class Executor:
         return self.start()
 
     def __exit__(self, *exc) -> None:
-        self.close()
+        # stop, not close: the executor stays usable (Model.generate shares it); requests still in it
+        # are stepped by whoever waits on them
+        self.stop()
 
     def _loop(self) -> None:
         while True:
