@@ -373,7 +373,12 @@ class TensorRTBackend:
         self._addresses["logits"] = self._logits.data_ptr()
         for (i, kind), buf in self.cache.items():
             self._addresses[f"past_key_values.{i}.{kind}"] = self._addresses[f"present.{i}.{kind}"] = buf.data_ptr()
-        self.row_bytes = int(np.prod(shape[1:])) * self.cache[(0, "key")].element_size()
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one cache row [K, L, D] (every cache has the same shape and dtype)."""
+        buf = self.cache[(0, "key")]
+        return buf[0].numel() * buf.element_size()
 
     def _addresses_at(self, r0: int) -> dict[str, int]:
         """Every tensor address, the caches at row ``r0`` (row-major [max_batch, K, L, D]: row r0 is r0 rows in)."""
