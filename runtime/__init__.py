@@ -36,7 +36,8 @@ class Model:
         from .generator import Generator
 
         self.backend, self.tokenizer, self.manifest = backend, tokenizer, manifest
-        self.generator = Generator(backend, tokenizer, eos_id=manifest["config"].get("eos_token_id"), **executor_options)
+        eos_id = manifest["config"].get("eos_token_id")
+        self.generator = Generator(backend, tokenizer, eos_id=eos_id, **executor_options)
         self.executor = self.generator.executor
 
     def generate(self, prompts, on_token=None, **sampling) -> list[Result]:
@@ -66,7 +67,8 @@ class Model:
         padded = np.zeros((len(ids), longest), np.int64)
         for b, row in enumerate(ids):
             padded[b, : len(row)] = row
-        out = self.backend.step(padded, np.tile(np.arange(longest), (len(ids), 1)), np.zeros(len(ids), np.int64))
+        with self.executor.exclusive() as backend:
+            out = backend.step(padded, np.tile(np.arange(longest), (len(ids), 1)), np.zeros(len(ids), np.int64))
         return [out[b, : len(row)].copy() for b, row in enumerate(ids)]
 
 

@@ -32,6 +32,7 @@ a handle, ``result()``, ``generate`` and :meth:`run_until_idle` step it in the c
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -59,7 +60,7 @@ class QueueFullError(GenerationError):
 class Executor:
     def __init__(self, backend, tokenizer=None, eos_id: int | None = 2, *, max_queue: int = 256,
                  prefill_chunk: int | None = None, max_gap: int | None = None) -> None:  # fmt: skip
-        for name, value in (("max_queue", max_queue), ("prefill_chunk", prefill_chunk or 1)):
+        for name, value in (("max_queue", max_queue), ("prefill_chunk", 1 if prefill_chunk is None else prefill_chunk)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise GenerationError(f"{name}={value!r} must be an integer >= 1")
         if max_gap is not None and (not isinstance(max_gap, int) or max_gap < 0):
@@ -173,11 +174,21 @@ class Executor:
         return self._thread is not None and self._thread.is_alive()
 
     def stats(self) -> dict:
-        return {"queue_depth": len(self._queue), "running": sum(r is not None for r in self._rows),
-                "slots": self.slots, "iterations": self.iterations, "generated_tokens": self.generated_tokens}  # fmt: skip
+        return {"queue_depth": len(self._queue), "running": sum(r is not None for r in self._rows), "slots": self.slots,
+                "iterations": self.iterations, "generated_tokens": self.generated_tokens}  # fmt: skip
 
     def free_slots(self) -> int:
         return sum(r is None for r in self._rows)
+
+    @contextlib.contextmanager
+    def exclusive(self):
+        """The backend for a caller's own steps (they write cache rows from 0): only while no request
+        holds a slot, and no iteration runs meanwhile."""
+        with self._step_lock:
+            if any(r is not None for r in self._rows):
+                raise GenerationError("the executor is serving requests, whose cache rows this would overwrite; "
+                                      "call it when they are done (executor.busy is False)")  # fmt: skip
+            yield self.backend
 
     def start(self) -> Executor:
         """Run the loop on a background thread (idempotent)."""

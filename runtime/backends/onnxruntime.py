@@ -64,7 +64,8 @@ class OnnxRuntimeBackend:
     def step(self, input_ids: np.ndarray, position_ids: np.ndarray, write_indices: np.ndarray) -> np.ndarray:
         return self.step_rows(0, input_ids, position_ids, write_indices)
 
-    def step_rows(self, r0: int, input_ids: np.ndarray, position_ids: np.ndarray, write_indices: np.ndarray) -> np.ndarray:
+    def step_rows(self, r0: int, input_ids: np.ndarray, position_ids: np.ndarray,
+                  write_indices: np.ndarray) -> np.ndarray:  # fmt: skip
         """One step over the cache rows r0 .. r0+B-1 (B = len(input_ids)); other rows are not touched."""
         B, S = input_ids.shape
         if not (0 <= r0 and 1 <= B and r0 + B <= self.max_batch):

@@ -383,7 +383,8 @@ class TensorRTBackend:
     def _addresses_at(self, r0: int) -> dict[str, int]:
         """Every tensor address, the caches at row ``r0`` (row-major [max_batch, K, L, D]: row r0 is r0 rows in)."""
         offset = r0 * self.row_bytes
-        return {n: a + offset if n.startswith(("past_key_values.", "present.")) else a for n, a in self._addresses.items()}
+        cache = ("past_key_values.", "present.")
+        return {n: a + offset if n.startswith(cache) else a for n, a in self._addresses.items()}
 
     # -- contexts ----------------------------------------------------------------------------
 
@@ -466,7 +467,8 @@ class TensorRTBackend:
     def step(self, input_ids: np.ndarray, position_ids: np.ndarray, write_indices: np.ndarray) -> np.ndarray:
         return self.step_rows(0, input_ids, position_ids, write_indices)
 
-    def step_rows(self, r0: int, input_ids: np.ndarray, position_ids: np.ndarray, write_indices: np.ndarray) -> np.ndarray:
+    def step_rows(self, r0: int, input_ids: np.ndarray, position_ids: np.ndarray,
+                  write_indices: np.ndarray) -> np.ndarray:  # fmt: skip
         """One step over the cache rows r0 .. r0+B-1 (B = len(input_ids)); other rows are not touched."""
         ids, pos, where = self._check_step(input_ids, position_ids, write_indices, r0)
         B, S = ids.shape

@@ -288,3 +288,15 @@ def test_result_timings(model):
     assert r.queue_ms >= 0 and r.ttft_ms >= r.prefill_ms > 0
     assert len(r.token_ms) == 4 and all(t > 0 for t in r.token_ms)
     assert r.decode_tokens_per_s == pytest.approx(4 / (sum(r.token_ms) / 1e3))
+
+
+def test_logits_wait_for_an_idle_executor(model):
+    """Model.logits steps rows from 0 itself: refused while a request holds a slot, not corrupting it."""
+    [alone] = model.generate([[1, 415, 2936]], max_new_tokens=6, greedy=True)
+    handle = model.executor.submit([1, 415, 2936], max_new_tokens=6, greedy=True)
+    model.executor.step()
+    with pytest.raises(runtime.GenerationError, match="executor is serving requests"):
+        model.logits([[1, 9060, 349, 264]])
+    assert handle.result().output_ids == alone.output_ids
+    [logits] = model.logits([[1, 415, 2936]])
+    assert int(np.argmax(logits[-1])) == alone.output_ids[0]

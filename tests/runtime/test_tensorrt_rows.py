@@ -57,7 +57,8 @@ def _host_backend(tmp_path, fake_trt) -> TensorRTBackend:
 
 def _check_rows(b, ctx, r0, n=None):
     for (i, kind), buf in b.cache.items():
-        assert ctx.addresses[f"past_key_values.{i}.{kind}"] == ctx.addresses[f"present.{i}.{kind}"] == buf[r0].data_ptr()
+        past, present = ctx.addresses[f"past_key_values.{i}.{kind}"], ctx.addresses[f"present.{i}.{kind}"]
+        assert past == present == buf[r0].data_ptr()
         if n is not None:
             assert ctx.shapes[f"past_key_values.{i}.{kind}"] == (n, *buf.shape[1:])
     for name, t in b._inputs.items():  # the staging buffers are shared by every context
