@@ -5,6 +5,12 @@
     [result] = model.generate(["The capital of France is"], max_new_tokens=16, greedy=True)
     print(result.text, result.finish_reason)
 
+    with model.executor:                                  # in-flight batching on a background thread
+        handle = model.executor.submit("Once upon a time", max_new_tokens=16, seed=1)
+        for delta in handle:
+            print(delta.text, end="")
+        print(handle.result().ttft_ms)
+
 Nothing heavy is imported until :func:`load` is called.
 """
 
@@ -13,20 +19,26 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from .executor import Executor, QueueFullError
 from .generator import GenerationError, Result
+from .requests import Delta, Handle
 from .sampling import SamplingParams
 
-__all__ = ["GenerationError", "Model", "Result", "SamplingParams", "load"]
+__all__ = ["Delta", "Executor", "GenerationError", "Handle", "Model", "QueueFullError", "Result", "SamplingParams",
+           "load"]
 
 
 class Model:
-    """A loaded build: ``generate`` for text or ids, ``logits`` for raw scores."""
+    """A loaded build: ``generate`` for text or ids, ``logits`` for raw scores, ``executor`` for
+    requests that come and go (``generate`` is a batch submitted to it and waited for)."""
 
-    def __init__(self, backend, tokenizer, manifest: dict) -> None:
+    def __init__(self, backend, tokenizer, manifest: dict, **executor_options) -> None:
         from .generator import Generator
 
         self.backend, self.tokenizer, self.manifest = backend, tokenizer, manifest
-        self.generator = Generator(backend, tokenizer, eos_id=manifest["config"].get("eos_token_id"))
+        eos_id = manifest["config"].get("eos_token_id")
+        self.generator = Generator(backend, tokenizer, eos_id=eos_id, **executor_options)
+        self.executor = self.generator.executor
 
     def generate(self, prompts, on_token=None, **sampling) -> list[Result]:
         """Generate for a batch of prompts (strings or token-id lists). ``sampling``: fields of
@@ -55,14 +67,17 @@ class Model:
         padded = np.zeros((len(ids), longest), np.int64)
         for b, row in enumerate(ids):
             padded[b, : len(row)] = row
-        out = self.backend.step(padded, np.tile(np.arange(longest), (len(ids), 1)), np.zeros(len(ids), np.int64))
+        with self.executor.exclusive() as backend:
+            out = backend.step(padded, np.tile(np.arange(longest), (len(ids), 1)), np.zeros(len(ids), np.int64))
         return [out[b, : len(row)].copy() for b, row in enumerate(ids)]
 
 
-def load(build_dir: str | Path, backend: str = "onnxruntime", verify: bool = True, **backend_options) -> Model:
+def load(build_dir: str | Path, backend: str = "onnxruntime", verify: bool = True, executor: dict | None = None,
+         **backend_options) -> Model:
     """Open a build directory (an export, an ONNX Runtime optimize output, or an engine build).
 
-    ``verify`` re-hashes every file against the manifest before anything is loaded.
+    ``verify`` re-hashes every file against the manifest before anything is loaded. ``executor``:
+    options of :class:`Executor` (max_queue, prefill_chunk, max_gap).
     """
     from mixtral_trt.manifest import read_manifest
 
@@ -88,7 +103,7 @@ def load(build_dir: str | Path, backend: str = "onnxruntime", verify: bool = Tru
         tokenizer = Tokenizer(build_dir, manifest["config"].get("bos_token_id"), manifest["config"].get("eos_token_id"))
     except TokenizerError:
         tokenizer = None
-    return Model(impl, tokenizer, manifest)
+    return Model(impl, tokenizer, manifest, **(executor or {}))
 
 
 def _check_sizes(build_dir: Path, manifest: dict) -> None:

@@ -1,10 +1,11 @@
 """ONNX Runtime backend: IOBinding with the KV cache bound in place (input and output share memory).
 
 The cache is one buffer per layer and kind, [max_batch, K, max_seq_len, D], allocated once
-(numpy on CPU; an OrtValue on the GPU with the CUDA provider). A batch of ``b`` rows binds
-the buffer's leading ``b`` rows (same base address, smaller shape) as both
-``past_key_values.{i}.*`` and ``present.{i}.*``; ONNX Runtime's TensorScatter then writes
-the new keys/values into that memory instead of copying the cache each step.
+(numpy on CPU; an OrtValue on the GPU with the CUDA provider). A step over the ``n`` rows
+``r0 .. r0+n-1`` binds that run of the row-major buffer (address base + r0 * row_bytes, shape
+[n, K, L, D]) as both ``past_key_values.{i}.*`` and ``present.{i}.*``; ONNX Runtime's
+TensorScatter then writes the new keys/values into that memory instead of copying the cache
+each step. ``step`` is the run starting at row 0.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ class OnnxRuntimeBackend:
         # One buffer per (layer, kind); bound as input and output, never reallocated. With the
         # CUDA provider the cache lives on the GPU (OrtValues), else in numpy arrays.
         self._cache_shape = shape
-        self._bindings: dict[int, object] = {}
+        self._bindings: dict[tuple[int, int], object] = {}  # (r0, n) -> IOBinding
         self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
         keys = [(i, kind) for i in range(self.layers) for kind in ("key", "value")]
         try:
@@ -68,8 +69,15 @@ class OnnxRuntimeBackend:
         return buf.ctypes.data if self.device == "cpu" else buf.data_ptr()
 
     def step(self, input_ids: np.ndarray, position_ids: np.ndarray, write_indices: np.ndarray) -> np.ndarray:
+        return self.step_rows(0, input_ids, position_ids, write_indices)
+
+    def step_rows(self, r0: int, input_ids: np.ndarray, position_ids: np.ndarray,
+                  write_indices: np.ndarray) -> np.ndarray:  # fmt: skip
+        """One step over the cache rows r0 .. r0+B-1 (B = len(input_ids)); other rows are not touched."""
         B, S = input_ids.shape
-        binding = self._binding(B)
+        if not (0 <= r0 and 1 <= B and r0 + B <= self.max_batch):
+            raise GenerationError(f"rows {r0}..{r0 + B - 1} are outside the cache's rows 0..{self.max_batch - 1}")
+        binding = self._binding(r0, B)
         for name, value in (("input_ids", input_ids), ("position_ids", position_ids), ("write_indices", write_indices)):
             binding.bind_cpu_input(name, np.ascontiguousarray(value, dtype=np.int64))
         logits = np.empty((B, S, self.vocab_size), np.float32)
@@ -77,17 +85,21 @@ class OnnxRuntimeBackend:
         self.session.run_with_iobinding(binding)
         return logits
 
-    def _binding(self, B: int):
-        """One IOBinding per batch size, its cache bindings made once (their addresses never change)."""
-        if B not in self._bindings:
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one cache row [K, L, D]: rows r0.. of a row-major [max_batch, K, L, D] buffer start r0 rows in."""
+        return int(np.prod(self._cache_shape[1:])) * np.dtype(self.cache_dtype).itemsize
+
+    def _binding(self, r0: int, B: int):
+        """One IOBinding per row run (r0, B), its cache bindings made once (their addresses never change)."""
+        if (r0, B) not in self._bindings:
             binding = self.session.io_binding()
             for i, kind in self.cache:
-                # The leading B rows of a row-major [max_batch, ...] buffer start at its base address.
-                ptr, shape = self.cache_address(i, kind), (B, *self._cache_shape[1:])
+                ptr, shape = self.cache_address(i, kind) + r0 * self.row_bytes, (B, *self._cache_shape[1:])
                 binding.bind_input(f"past_key_values.{i}.{kind}", self.device, 0, self.cache_dtype, shape, ptr)
                 binding.bind_output(f"present.{i}.{kind}", self.device, 0, self.cache_dtype, shape, ptr)
-            self._bindings[B] = binding
-        return self._bindings[B]
+            self._bindings[(r0, B)] = binding
+        return self._bindings[(r0, B)]
 
 
 def _default_providers(ort) -> list[str]:

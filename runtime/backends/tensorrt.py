@@ -20,16 +20,19 @@ Execution (one CUDA stream, one device):
 
 - Device buffers are CUDA tensors from torch, allocated once: the KV cache per (layer, kind) as
   [max_batch, K, max_seq_len, D] in the engine's cache dtype; flat staging buffers for input_ids,
-  position_ids, write_indices; a flat logits buffer. A batch of ``b`` rows binds the leading
-  rows of each cache (same pointer, smaller shape) as both ``past_key_values.{i}.*`` and
-  ``present.{i}.*``: TensorRT's KV-cache-update layer writes the new slots where they lie, and
+  position_ids, write_indices; a flat logits buffer. A step over the ``n`` rows ``r0 ..
+  r0+n-1`` binds that run of each row-major cache (address base + r0 * row_bytes, shape
+  [n, K, L, D]) as both ``past_key_values.{i}.*`` and ``present.{i}.*`` (``step`` is the run at
+  row 0): TensorRT's KV-cache-update layer writes the new slots where they lie, and
   ``ICudaEngine.get_aliased_input_tensor`` (TensorRT >= 10.15, TensorRT-RTX) must confirm that
   every present.* aliases its past_key_values.*. (That layer, which the ONNX parser makes of
   TensorScatter, needs a static cache length: the engine build pins ``max_cache_len``.)
 - All execution contexts share one activation scratch (USER_MANAGED allocation): they never run
   concurrently. Tensor addresses are set once, when a context is created.
-- Prefill (seq > 1): one context per optimization profile, input shapes set per step.
-- Decode (seq == 1): one context per batch size with its shapes set once; on first use it runs
+- Prefill (seq > 1): one context per optimization profile, input shapes set per step; its cache
+  addresses are re-set when a step's first row differs from the previous one's.
+- Decode (seq == 1): one context per row run (r0, n) with its addresses and shapes set once, so
+  its CUDA graph (keyed by the same (r0, n)) replays with the right rows; on first use it runs
   one plain ``execute_async_v3`` (TensorRT finishes lazy initialisation there), then captures
   one into a ``torch.cuda.CUDAGraph`` on the backend's (non-default) stream; later steps copy
   their tokens/positions/write indices into the static buffers and replay. A failed capture is
@@ -276,7 +279,8 @@ class TensorRTBackend:
             self.stream = torch.cuda.Stream(self.device)
             self._allocate(cfg)
         self._prefill: dict[int, object] = {}  # profile -> context
-        self._decoders: dict[int, _Decoder] = {}  # batch -> context (+ graph)
+        self._prefill_rows: dict[int, int] = {}  # profile -> the first row its cache addresses point at
+        self._decoders: dict[tuple[int, int], _Decoder] = {}  # row run (r0, n) -> context (+ graph)
 
     # -- loading ---------------------------------------------------------------------------
 
@@ -370,22 +374,48 @@ class TensorRTBackend:
         for (i, kind), buf in self.cache.items():
             self._addresses[f"past_key_values.{i}.{kind}"] = self._addresses[f"present.{i}.{kind}"] = buf.data_ptr()
 
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one cache row [K, L, D] (every cache has the same shape and dtype)."""
+        buf = self.cache[(0, "key")]
+        return buf[0].numel() * buf.element_size()
+
+    def _addresses_at(self, r0: int) -> dict[str, int]:
+        """Every tensor address, the caches at row ``r0`` (row-major [max_batch, K, L, D]: row r0 is r0 rows in)."""
+        offset = r0 * self.row_bytes
+        cache = ("past_key_values.", "present.")
+        return {n: a + offset if n.startswith(cache) else a for n, a in self._addresses.items()}
+
     # -- contexts ----------------------------------------------------------------------------
 
-    def _new_context(self, profile: int, batch: int, seq: int | None):
-        """A context on ``profile`` with every tensor address bound (and the shapes, when seq is given)."""
+    def _new_context(self, profile: int, batch: int, seq: int | None, r0: int = 0):
+        """A context on ``profile`` with every tensor address bound, the caches at row ``r0`` (and the
+        shapes, when seq is given)."""
         ctx = self.engine.create_execution_context(self._trt.ExecutionContextAllocationStrategy.USER_MANAGED)
         if ctx is None:
             raise TensorRTError(f"TensorRT could not create an execution context.{_said(self._logger)}")
         ctx.set_device_memory(self._scratch.data_ptr(), self._scratch.numel())
         if profile:
             ctx.set_optimization_profile_async(profile, self.stream.cuda_stream)
-        for name, address in self._addresses.items():
-            if not ctx.set_tensor_address(name, address):
-                raise TensorRTError(f"TensorRT refused the address of {name!r}.{_said(self._logger)}")
+        self._bind(ctx, self._addresses_at(r0))
         if seq is not None:
             self._set_shapes(ctx, batch, seq)
         return ctx
+
+    def _bind(self, ctx, addresses: dict[str, int]) -> None:
+        for name, address in addresses.items():
+            if not ctx.set_tensor_address(name, address):
+                raise TensorRTError(f"TensorRT refused the address of {name!r}.{_said(self._logger)}")
+
+    def _prefill_context(self, profile: int, r0: int):
+        """The profile's prefill context, its cache addresses moved to row ``r0`` when they point elsewhere."""
+        if profile not in self._prefill:
+            self._prefill[profile] = self._new_context(profile, 1, None, r0)
+        elif self._prefill_rows[profile] != r0:
+            cache = {n: a for n, a in self._addresses_at(r0).items() if n.startswith(("past_key_values.", "present."))}
+            self._bind(self._prefill[profile], cache)
+        self._prefill_rows[profile] = r0
+        return self._prefill[profile]
 
     def _set_shapes(self, ctx, batch: int, seq: int) -> None:
         K, D = self.cache[(0, "key")].shape[1], self.cache[(0, "key")].shape[3]
@@ -407,7 +437,7 @@ class TensorRTBackend:
         if not ctx.execute_async_v3(self.stream.cuda_stream):
             raise TensorRTError(f"TensorRT could not enqueue the step (execute_async_v3 failed).{_said(self._logger)}")
 
-    def _capture(self, ctx, batch: int):
+    def _capture(self, ctx, run: tuple[int, int]):
         """The decode step of ``ctx`` as a CUDA graph, or None (logged once) when it cannot be captured."""
         if self._graph_error is not None:
             return None
@@ -421,7 +451,7 @@ class TensorRTBackend:
                 if not ctx.execute_async_v3(handle):
                     raise RuntimeError(f"execute_async_v3 returned False under capture.{_said(self._logger)}")
         except Exception as exc:  # noqa: BLE001  any failure here only means: run without graphs
-            return self._no_graphs(f"capturing the batch-{batch} decode step failed: {exc}")
+            return self._no_graphs(f"capturing the decode step of rows {run[0]}..{sum(run) - 1} failed: {exc}")
         return graph
 
     def _no_graphs(self, why: str) -> None:
@@ -435,23 +465,26 @@ class TensorRTBackend:
         return self.cache[(layer, kind)].data_ptr()
 
     def step(self, input_ids: np.ndarray, position_ids: np.ndarray, write_indices: np.ndarray) -> np.ndarray:
-        ids, pos, where = self._check_step(input_ids, position_ids, write_indices)
+        return self.step_rows(0, input_ids, position_ids, write_indices)
+
+    def step_rows(self, r0: int, input_ids: np.ndarray, position_ids: np.ndarray,
+                  write_indices: np.ndarray) -> np.ndarray:  # fmt: skip
+        """One step over the cache rows r0 .. r0+B-1 (B = len(input_ids)); other rows are not touched."""
+        ids, pos, where = self._check_step(input_ids, position_ids, write_indices, r0)
         B, S = ids.shape
         profile = self._profile(B, S)
         torch = self._torch
         with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
             self._stage({"input_ids": ids, "position_ids": pos, "write_indices": where})
             if S == 1:
-                self._decode(B, profile)
+                self._decode((r0, B), profile)
             else:
-                if profile not in self._prefill:
-                    self._prefill[profile] = self._new_context(profile, B, None)
-                ctx = self._prefill[profile]
+                ctx = self._prefill_context(profile, r0)
                 self._set_shapes(ctx, B, S)
                 self._enqueue(ctx)
             return self._read_logits(B, S)
 
-    def _check_step(self, input_ids, position_ids, write_indices):
+    def _check_step(self, input_ids, position_ids, write_indices, r0: int = 0):
         ids, pos, where = (np.asarray(a) for a in (input_ids, position_ids, write_indices))
         if ids.ndim != 2 or pos.shape != ids.shape or where.shape != ids.shape[:1]:
             raise GenerationError(
@@ -466,6 +499,8 @@ class TensorRTBackend:
             raise GenerationError(
                 f"batch {B} x seq {S} is outside the build's 1..{self.max_batch} x 1..{self.max_seq_len}"
             )
+        if not 0 <= r0 <= self.max_batch - B:
+            raise GenerationError(f"rows {r0}..{r0 + B - 1} are outside the cache's rows 0..{self.max_batch - 1}")
         bad = ids[(ids < 0) | (ids >= self.vocab_size)]
         if bad.size:
             raise GenerationError(f"input_ids hold token id {bad[0]}, outside the vocabulary [0, {self.vocab_size})")
@@ -484,14 +519,14 @@ class TensorRTBackend:
             host.numpy()[:] = a.reshape(-1)  # casts to the engine's integer type
             self._inputs[name][:n].copy_(host, non_blocking=True)
 
-    def _decode(self, batch: int, profile: int) -> None:
-        dec = self._decoders.get(batch)
+    def _decode(self, run: tuple[int, int], profile: int) -> None:
+        dec = self._decoders.get(run)
         if dec is None:
-            ctx = self._new_context(profile, batch, 1)
-            dec = self._decoders[batch] = _Decoder(ctx)
+            ctx = self._new_context(profile, run[1], 1, run[0])
+            dec = self._decoders[run] = _Decoder(ctx)
             self._enqueue(ctx)  # this step's result, and TensorRT's lazy init before any capture
             if self.cuda_graphs:
-                dec.graph = self._capture(ctx, batch)  # capture records; it does not run the step again
+                dec.graph = self._capture(ctx, run)  # capture records; it does not run the step again
         elif dec.graph is not None:
             dec.graph.replay()
         else:

@@ -266,8 +266,8 @@ def test_graph_replay_skips_enqueue_and_keeps_addresses(tmp_path, fake_trt):
         backend.step(ids, pos, where)
     # prefill: 1 enqueue; first decode: warm-up + capture = 2; three replays: no Python enqueue at all
     assert engine.enqueues == 3
-    assert backend._graph_error is None and backend._decoders[2].graph is not None
-    assert backend._decoders[2].context.profile == 1  # the decode profile, seq 1..1
+    assert backend._graph_error is None and backend._decoders[(0, 2)].graph is not None
+    assert backend._decoders[(0, 2)].context.profile == 1  # the decode profile, seq 1..1
     assert {key: backend.cache_address(*key) for key in backend.cache} == before
     for ctx in engine.contexts:  # one scratch for all contexts; the cache bound as past and present
         assert ctx.memory == engine.contexts[0].memory
@@ -433,7 +433,7 @@ def test_engine_decode_matches_onnxruntime_and_keeps_cache_in_place(real):
         np.testing.assert_allclose(trt.step(ids, pos, where), ort.step(ids, pos, where), atol=1e-3, rtol=0)
     assert {key: trt.cache_address(*key) for key in trt.cache} == before
     np.testing.assert_allclose(trt.cache[(1, "value")][:3].cpu().numpy(), ort.cache[(1, "value")][:3], atol=1e-4)
-    assert trt._graph_error is None and trt._decoders[2].graph is not None  # decode really replayed graphs
+    assert trt._graph_error is None and trt._decoders[(0, 2)].graph is not None  # decode really replayed graphs
 
 
 @pytest.mark.tensorrt
@@ -446,7 +446,7 @@ def test_engine_graph_replay_equals_plain_enqueue(real):
     graphs = trt_model.backend
     for ids, pos, where in _steps(np.random.default_rng(4)):
         np.testing.assert_allclose(graphs.step(ids, pos, where), plain.step(ids, pos, where), atol=1e-5, rtol=0)
-    assert plain._decoders[2].graph is None
+    assert plain._decoders[(0, 2)].graph is None
 
 
 @pytest.mark.tensorrt

@@ -445,8 +445,9 @@ def test_cancelled_request_ends_with_the_final_flag(served, monkeypatch, pb2):
 
 
 def test_batched_rows_and_gpu_resident_cache(served, pb2):
-    """The backend under the generator directly: a batch of two prompts (one request per step for both
-    rows), outputs kept in 'GPU' memory (DLPack only), equal to the ONNX Runtime backend."""
+    """The backend under the generator directly: a batch of two prompts, outputs kept in 'GPU' memory
+    (DLPack only), equal to the ONNX Runtime backend. The BLS backend has no row runs (step_rows), so
+    the executor gives it one slot: the prompts run one after the other, each step one row."""
     pytest.importorskip("torch")
     from mixtral_trt.runtime.backends.triton_bls import TritonBlsBackend
     from mixtral_trt.runtime.generator import Generator
@@ -461,7 +462,8 @@ def test_batched_rows_and_gpu_resident_cache(served, pb2):
     got = generator.generate(prompts, SamplingParams(max_new_tokens=8, greedy=True))
     expected = reference.generate(prompts, max_new_tokens=8, greedy=True)
     assert [r.output_ids for r in got] == [r.output_ids for r in expected]
-    assert server.calls[0] == (2, max(len(r.prompt_ids) for r in expected))
+    assert generator.executor.slots == 1 and server.calls[0] == (1, len(expected[0].prompt_ids))
+    assert {batch for batch, _ in server.calls} == {1}
     assert all(not t.is_cpu() for t in backend._cache)  # the cache never came back to host memory
 
 
