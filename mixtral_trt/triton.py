@@ -374,6 +374,8 @@ def _with_libraries(build: _Build, paths: list[str | Path]) -> _Build:
     for path in map(Path, paths):
         if not path.is_file():
             raise TritonRepositoryError(f"plugin library {path} does not exist")
+        if ";" in path.name:  # the config parameter plugin_libraries is a ';'-separated list of names
+            raise TritonRepositoryError(f"plugin library {path}: rename it without ';'")
         if path.name in {n for _, n in (*build.plugin_libraries, *extra)} or path.name == "model.plan":
             raise TritonRepositoryError(f"plugin library {path}: a file named {path.name} is already shipped")
         extra.append((path.resolve(), path.name))

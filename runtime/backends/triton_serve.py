@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 
 class ExecutorServer:
-    def __init__(self, pb_utils, model, poll_s: float = 0.02) -> None:
+    def __init__(self, pb_utils, model, poll_s: float = 0.1) -> None:
         self.pb, self.model, self.executor = pb_utils, model, model.executor
         self.poll_s = poll_s
         self._live: dict = {}  # handle -> its response sender

@@ -190,7 +190,8 @@ def test_plugin_library_ships_beside_the_engine(tmp_path, ort_build):
 
 def test_plugin_without_library_asks_for_the_cpp_library(tmp_path, ort_build):
     plugin = {"name": "MixtralMoETop2", "version": "1", "namespace": "mixtral"}  # the Python creator case
-    repo = write_repository(engine_dir(tmp_path / "engine", ort_build, plugins=[plugin]), tmp_path / "repo", layout="bls")
+    build = engine_dir(tmp_path / "engine", ort_build, plugins=[plugin])
+    repo = write_repository(build, tmp_path / "repo", layout="bls")
     readme = (repo / "mixtral" / "README.md").read_text()
     assert "libmixtral_trt_plugins.so" in readme and "plugins/moe_top2" in readme and "CMake" in readme
     assert "--backend-config=tensorrt,plugins=/abs/path/libmixtral_trt_plugins.so" in readme

@@ -21,7 +21,8 @@ from tests.runtime.test_triton import engine_dir
 
 MAX_BATCH, MAX_SEQ = 8, 64
 PROMPTS = ["The capital of France is", "Once upon a time, in a land far away,", "1, 2, 3,", "Hello",
-           "The quick brown fox jumps over the lazy dog and then", "In 1492", "Water boils at", "def f(x):"]  # fmt: skip
+           "The quick brown fox jumps over the lazy dog and then", "In 1492", "Water boils at",
+           "def f(x):"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +82,8 @@ def load_text_model(repo: Path, pb2, monkeypatch, device_id: str = "0"):
     model = module.TritonPythonModel()
     config = json_format.MessageToDict(server.configs["mixtral"], preserving_proto_field_name=True)
     model.initialize({"model_config": json.dumps(config), "model_repository": str(repo / "mixtral"),
-                      "model_version": "1", "model_instance_kind": "GPU", "model_instance_device_id": device_id})  # fmt: skip
+                      "model_version": "1", "model_instance_kind": "GPU",
+                      "model_instance_device_id": device_id})  # fmt: skip
     return model
 
 
