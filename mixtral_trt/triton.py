@@ -1,24 +1,25 @@
 """Triton Inference Server model repository for a build.
 
-:func:`write_repository` turns an engine build (stage ``engine``, ``model.plan``) into two models:
+:func:`write_repository` turns a build into one Python-backend model (layout ``executor``, the
+default) that loads the build where it lies with ``mixtral_trt.runtime.load`` (ONNX Runtime for an
+export, a canonical precision output or an ``optimize --target onnxruntime`` output; the runtime's
+TensorRT backend for an engine build) and feeds every concurrent request into one
+:class:`~mixtral_trt.runtime.Executor`: the KV cache stays resident in the model's process on its
+device, and nothing of the build is copied or linked into the repository.
+
+    REPO/<name>/config.pbtxt            backend python, decoupled; parameters build_dir, build_id, backend
+    REPO/<name>/1/                      model.py, mixtral_build.json (+ plugin libraries of an engine)
+    REPO/<name>/README.md               how to start tritonserver on this repository
+
+Layout ``bls`` (engine builds only) keeps the engine in Triton's own TensorRT backend as a second
+model, one forward step per BLS request, the cache explicit (the Python model sends
+``past_key_values.*`` with every request and receives ``present.*`` back, see
+:data:`mixtral_trt.triton_readme.KV_CACHE_DOC`); one request at a time per instance:
 
     REPO/<name>_engine/config.pbtxt     platform tensorrt_plan: one forward step
     REPO/<name>_engine/1/               model.plan (+ plugin libraries), mixtral_build.json
-    REPO/<name>/config.pbtxt            backend python, decoupled: text in, streamed text out
     REPO/<name>/1/                      model.py, build_manifest.json, tokenizer, mixtral_build.json
-    REPO/<name>/README.md               how to start tritonserver on this repository
-
-and an ONNX Runtime build (an export, a canonical precision output or an ``optimize --target
-onnxruntime`` output) into one Python-backend model that loads the build where it lies with
-``mixtral_trt.runtime.load`` (config parameter ``build_dir``, an absolute path): no ONNX file or
-weight is copied or linked into the repository, and the cache stays in the model's process.
-
-    REPO/<name>/config.pbtxt            backend python, decoupled; parameters build_dir, build_id
-    REPO/<name>/1/                      model.py, mixtral_build.json
-
-With an engine the KV cache is explicit: the Python model keeps it and passes ``past_key_values.*``
-with every BLS request, receiving ``present.*`` back (see :data:`mixtral_trt.triton_readme.KV_CACHE_DOC` for why not Triton's
-implicit state). Nothing here imports tritonclient, tensorrt or onnxruntime: configs are written
+ Nothing here imports tritonclient, tensorrt or onnxruntime: configs are written
 as text. ``mixtral_build.json`` names the build (the sha256 of its manifest.json) in every version
 directory; the text model refuses to load beside an engine model of another build. The
 repository changes as a whole as far as the filesystem allows (:mod:`mixtral_trt.triton_swap`);
@@ -42,6 +43,7 @@ from .manifest import MANIFEST, ManifestError, read_manifest, sha256_file
 from .runtime.backends.triton_bls import BUILD_FILE
 from .triton_readme import PLUGIN_LIBRARY, readme  # noqa: F401 - PLUGIN_LIBRARY: public name
 from .triton_swap import VERSION
+LAYOUTS = ("executor", "bls")
 MARKER = "# Written by mixtral-trt"  # first line of every config.pbtxt we write: ours to replace
 MODEL_PY = Path(__file__).parent / "triton_model" / "model.py"
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
@@ -71,8 +73,11 @@ class _Build:
 # Reading the build
 
 
-def inspect_build(build_dir: str | Path, verify: bool = True) -> _Build:
-    """Validate ``build_dir`` as a servable build; raise :class:`TritonRepositoryError` or ManifestError."""
+def inspect_build(build_dir: str | Path, verify: bool = True, layout: str = "executor") -> _Build:
+    """Validate ``build_dir`` as a build servable in ``layout``; raise :class:`TritonRepositoryError` or
+    ManifestError."""
+    if layout not in LAYOUTS:
+        raise TritonRepositoryError(f"layout {layout!r}: choose one of {', '.join(LAYOUTS)}")
     build_dir = Path(build_dir).resolve()
     manifest = read_manifest(build_dir, ("export", "optimize", "engine"), verify=verify)
     stage = manifest["stage"]
@@ -91,7 +96,12 @@ def inspect_build(build_dir: str | Path, verify: bool = True) -> _Build:
             "Copy the checkpoint's tokenizer into the build directory"
         )
     if stage == "engine":
-        return _engine_build(build_dir, manifest, tokenizer, build_id)
+        return _engine_build(build_dir, manifest, tokenizer, build_id, layout)
+    if layout == "bls":
+        raise TritonRepositoryError(
+            f"{build_dir} runs on ONNX Runtime; layout 'bls' is for engine builds (a tensorrt_plan model). "
+            "Use the default layout 'executor'"
+        )
     files = [manifest["export"].get("model_file", "model.onnx"), manifest["export"].get("data_file")]
     missing = [n for n in files if n and not (build_dir / n).is_file()]
     if missing:
@@ -99,21 +109,12 @@ def inspect_build(build_dir: str | Path, verify: bool = True) -> _Build:
     return _Build(build_dir, manifest, "onnxruntime", (), (), (), tokenizer, build_id)
 
 
-def _engine_build(build_dir: Path, manifest: dict, tokenizer: Path, build_id: str) -> _Build:
+def _engine_build(build_dir: Path, manifest: dict, tokenizer: Path, build_id: str, layout: str) -> _Build:
     from mixtral_trt.runtime.backends.tensorrt import engine_spec
 
     spec = engine_spec(build_dir, manifest)  # plan present, plugins named, target known
-    if spec.target == "tensorrt_rtx":
-        raise TritonRepositoryError(
-            f"{build_dir} holds a TensorRT-RTX engine; Triton's tensorrt_plan platform runs datacenter "
-            "TensorRT engines only. Build one with `mixtral-build engine --target tensorrt` on the serving GPU"
-        )
-    if manifest["engine"].get("cache_update", "inplace") != "copy":
-        raise TritonRepositoryError(
-            f"{build_dir} holds an engine whose present.* outputs alias its past_key_values.* inputs (TensorRT's "
-            "in-place KV-cache update); Triton's TensorRT backend gives every output its own buffer, so the cache "
-            "would not be updated. Rebuild it for Triton with `mixtral-build engine SRC --cache-update copy`"
-        )
+    if layout == "bls":
+        _check_bls_engine(build_dir, manifest, spec)
     libraries, bare = [], []
     for p in spec.plugins:
         if not p.get("library"):
@@ -130,6 +131,23 @@ def _engine_build(build_dir: Path, manifest: dict, tokenizer: Path, build_id: st
         libraries.append((path, path.name))
     return _Build(build_dir, manifest, "tensorrt_plan", ((spec.plan, "model.plan"),), tuple(libraries),
                   tuple(bare), tokenizer, build_id)  # fmt: skip
+
+
+def _check_bls_engine(build_dir: Path, manifest: dict, spec) -> None:
+    """An engine in Triton's own TensorRT backend: a datacenter TensorRT plan that writes present.* itself."""
+    if spec.target == "tensorrt_rtx":
+        raise TritonRepositoryError(
+            f"{build_dir} holds a TensorRT-RTX engine; Triton's tensorrt_plan platform (layout 'bls') runs "
+            "datacenter TensorRT engines only. Serve it with the default layout 'executor' (the runtime runs it "
+            "in the Python model), or build one with `mixtral-build engine --target tensorrt` on the serving GPU"
+        )
+    if manifest["engine"].get("cache_update", "inplace") != "copy":
+        raise TritonRepositoryError(
+            f"{build_dir} holds an engine whose present.* outputs alias its past_key_values.* inputs (TensorRT's "
+            "in-place KV-cache update); Triton's TensorRT backend gives every output its own buffer, so the cache "
+            "would not be updated. Serve it with the default layout 'executor' (the runtime binds both to one "
+            "address), or rebuild it for layout 'bls' with `mixtral-build engine SRC --cache-update copy`"
+        )
 
 
 def _check_io(build_dir: Path, manifest: dict) -> None:
@@ -214,22 +232,28 @@ def engine_config(build: _Build, name: str) -> str:
     )
 
 
-def text_model_config(build: _Build, name: str, engine_name: str, instances: int, verify: bool = True) -> str:
-    """config.pbtxt of the decoupled Python model (text in, streamed text out): over the engine model
-    through BLS, or, for an ONNX Runtime build, loading the build in its own process."""
+def text_model_config(build: _Build, name: str, engine_name: str, instances: int, verify: bool = True,
+                      layout: str = "executor") -> str:  # fmt: skip
+    """config.pbtxt of the decoupled Python model (text in, streamed text out): loading the build in its
+    own process (layout executor), or over the engine model through BLS (layout bls)."""
     optional = (("max_tokens", "TYPE_INT32"), ("temperature", "TYPE_FP32"), ("top_p", "TYPE_FP32"),
                 ("top_k", "TYPE_INT32"), ("seed", "TYPE_INT64"), ("stream", "TYPE_BOOL"))  # fmt: skip
     inputs = [_tensor("text_input", "TYPE_STRING", [1])] + [_tensor(n, t, [1], optional=True) for n, t in optional]
     outputs = [_tensor("text_output", "TYPE_STRING", [-1]), _tensor("output_ids", "TYPE_INT64", [-1])]
-    if build.platform == "tensorrt_plan":
-        params = {"engine_model": engine_name, "cache_memory": "gpu"}
+    engine = build.platform == "tensorrt_plan"
+    if layout == "bls":
+        params, kind = {"engine_model": engine_name, "cache_memory": "gpu"}, "KIND_CPU"
     else:  # the build stays where it is; the model checks at load that it is still the same build
-        params = {"build_dir": str(build.directory), "build_id": build.build_id, "verify": str(verify).lower()}
+        params = {"build_dir": str(build.directory), "build_id": build.build_id, "verify": str(verify).lower(),
+                  "backend": "tensorrt" if engine else "onnxruntime"}  # fmt: skip
+        if build.plugin_libraries:  # shipped in the version directory, loaded before the engine
+            params["plugin_libraries"] = ";".join(n for _, n in build.plugin_libraries)
+        kind = "KIND_GPU" if engine else "KIND_CPU"  # an engine's instance runs on the GPU Triton gives it
     return (
         f'{_header(build)}name: "{name}"\nbackend: "python"\nmax_batch_size: 0\n'
         "model_transaction_policy { decoupled: true }\n"
         f"{_block('input', inputs)}\n{_block('output', outputs)}\n"
-        f"instance_group [ {{ count: {instances} kind: KIND_CPU }} ]\n"
+        f"instance_group [ {{ count: {instances} kind: {kind} }} ]\n"
         + "".join(f'parameters {{ key: "{k}" value: {{ string_value: "{_quoted(v)}" }} }}\n' for k, v in params.items())
     )
 
@@ -243,10 +267,10 @@ def _quoted(value: str) -> str:
 # Writing
 
 
-def serve_command(repo: Path, build: _Build, name: str) -> str:
-    """The tritonserver command line for this repository (plugins through the TensorRT backend)."""
+def serve_command(repo: Path, build: _Build, name: str, layout: str = "executor") -> str:
+    """The tritonserver command line for this repository (layout bls: plugins through the TensorRT backend)."""
     line = f"tritonserver --model-repository={repo}"
-    if build.plugin_libraries:
+    if build.plugin_libraries and layout == "bls":
         paths = ";".join(str(repo / f"{name}_engine" / VERSION / n) for _, n in build.plugin_libraries)
         line += f' --backend-config=tensorrt,plugins="{paths}"'
     return line
@@ -254,13 +278,14 @@ def serve_command(repo: Path, build: _Build, name: str) -> str:
 
 def write_repository(build_dir: str | Path, repo: str | Path, name: str = "mixtral", instances: int = 1,
                      plugin_libraries: list[str | Path] = (), verify: bool = True,
-                     say: Callable[[str], None] | None = None) -> Path:  # fmt: skip
+                     say: Callable[[str], None] | None = None, layout: str = "executor") -> Path:  # fmt: skip
     """Write the models of ``build_dir`` into the Triton model repository ``repo``; return ``repo``.
 
-    ``build_dir`` may be the main job's OUT (the engine if Triton can serve it, else the ONNX
-    Runtime directory). An engine build gives ``<name>_engine`` and ``<name>``; an ONNX Runtime
-    build gives ``<name>`` alone, which loads the build from where it lies (keep it there).
-    ``plugin_libraries``: C++ plugin libraries to ship beside an engine whose manifest names none
+    ``build_dir`` may be the main job's OUT (the engine if it can be served in ``layout``, else
+    the ONNX Runtime directory). Layout ``executor`` gives ``<name>`` alone, which loads the build
+    from where it lies (keep it there) and serves every request through one executor; layout
+    ``bls`` (engines) gives ``<name>_engine`` and ``<name>``.
+    ``plugin_libraries``: C++ plugin libraries to ship with an engine whose manifest names none
     (engines built with the Python plugin creator), e.g. ``libmixtral_trt_plugins.so``.
     Models already in ``repo`` stay untouched; a previous output of ours under the same names is
     replaced as a whole, or left as it was if this fails. Nothing is written when the build
@@ -270,15 +295,18 @@ def write_repository(build_dir: str | Path, repo: str | Path, name: str = "mixtr
         raise TritonRepositoryError(f"model name {name!r}: use letters, digits, '_', '-', '.' (not only digits)")
     if instances < 1:
         raise TritonRepositoryError(f"instances={instances} must be >= 1")
+    if layout not in LAYOUTS:
+        raise TritonRepositoryError(f"layout {layout!r}: choose one of {', '.join(LAYOUTS)}")
     repo = Path(repo).resolve()
     if repo.exists() and not repo.is_dir():
         raise TritonRepositoryError(f"model repository {repo} exists and is not a directory")
-    build = _with_libraries(inspect_build(resolve(build_dir)[0], verify=verify), plugin_libraries)
+    build = _with_libraries(inspect_build(resolve(build_dir, layout)[0], verify=verify, layout=layout),
+                            plugin_libraries)  # fmt: skip
     engine_name = f"{name}_engine"
     for model in (engine_name, name):
         _check_ours(repo / model)
-    text = (text_model_config(build, name, engine_name, instances, verify), _text_files(build), _copy)
-    if build.platform == "tensorrt_plan":
+    text = (text_model_config(build, name, engine_name, instances, verify, layout), _text_files(build, layout), _copy)
+    if layout == "bls":
         models = {engine_name: (engine_config(build, engine_name), _engine_files(build), _link_or_copy), name: text}
     else:
         models = {name: text}
@@ -288,8 +316,8 @@ def write_repository(build_dir: str | Path, repo: str | Path, name: str = "mixtr
     for model in (engine_name, name):
         triton_swap.remove_leftovers(repo / model)  # of runs that were killed
     _apply(repo, models, retired, new_dirs)
-    command = serve_command(repo, build, name)
-    atomic_write_text(repo / name / "README.md", readme(build, repo, name, command))
+    command = serve_command(repo, build, name, layout)
+    atomic_write_text(repo / name / "README.md", readme(build, repo, name, command, layout))
     if say is not None:
         say(f"Triton model repository: {repo} (models {', '.join(models)})")
         say(f"start it:  {command}")
@@ -323,13 +351,13 @@ def _swap_in(change: triton_swap.Change, model_dir: Path, config: str, stage: Pa
     change.swap(model_dir, config, stage)
 
 
-def resolve(build_dir: str | Path) -> tuple[Path, str | None]:
+def resolve(build_dir: str | Path, layout: str = "executor") -> tuple[Path, str | None]:
     """The build to serve for ``build_dir`` (a build, or the main job's OUT) and a line saying which."""
     from .pipeline import resolve_build
 
     def servable(directory: Path) -> str | None:
         try:
-            inspect_build(directory, verify=False)
+            inspect_build(directory, verify=False, layout=layout)
         except (TritonRepositoryError, ManifestError) as exc:
             return str(exc).split(";")[0]
         return None
@@ -346,6 +374,8 @@ def _with_libraries(build: _Build, paths: list[str | Path]) -> _Build:
     for path in map(Path, paths):
         if not path.is_file():
             raise TritonRepositoryError(f"plugin library {path} does not exist")
+        if ";" in path.name:  # the config parameter plugin_libraries is a ';'-separated list of names
+            raise TritonRepositoryError(f"plugin library {path}: rename it without ';'")
         if path.name in {n for _, n in (*build.plugin_libraries, *extra)} or path.name == "model.plan":
             raise TritonRepositoryError(f"plugin library {path}: a file named {path.name} is already shipped")
         extra.append((path.resolve(), path.name))
@@ -374,10 +404,10 @@ def _engine_files(build: _Build) -> list[tuple[Path | str, str]]:
     return [*build.model_files, *build.plugin_libraries, (_build_record(build), BUILD_FILE)]
 
 
-def _text_files(build: _Build) -> list[tuple[Path | str, str]]:
+def _text_files(build: _Build, layout: str = "executor") -> list[tuple[Path | str, str]]:
     record = (_build_record(build), BUILD_FILE)
-    if build.platform != "tensorrt_plan":  # loads the build itself: tokenizer and weights stay there
-        return [(MODEL_PY, "model.py"), record]
+    if layout == "executor":  # loads the build itself: tokenizer, weights and plan stay there
+        return [(MODEL_PY, "model.py"), record, *build.plugin_libraries]
     manifest = json.dumps(build.manifest, indent=2) + "\n"
     return [(MODEL_PY, "model.py"), (build.tokenizer, build.tokenizer.name), (manifest, "build_manifest.json"), record]
 
@@ -413,27 +443,31 @@ def triton_command():
     @click.option("--name", default="mixtral", show_default=True,
                   help="Text model name; the engine model is NAME_engine.")
     @click.option("--instances", type=click.IntRange(min=1), default=1, show_default=True,
-                  help="Instances of the text model (concurrent requests, one KV cache each).")
+                  help="Instances of the text model: processes, each with its own executor, weights and KV cache.")
+    @click.option("--layout", type=click.Choice(LAYOUTS), default="executor", show_default=True,
+                  help="executor: one model that loads the build and batches every request in flight; bls: "
+                       "an engine in Triton's TensorRT backend stepped through BLS (needs --cache-update copy).")
     @click.option("--plugin-library", "plugin_libraries", multiple=True, type=click.Path(path_type=Path),
-                  help="C++ TensorRT plugin library to ship beside the engine (libmixtral_trt_plugins.so); repeatable.")
+                  help="C++ TensorRT plugin library to ship with the engine (libmixtral_trt_plugins.so); repeatable.")
     @click.option("--no-verify", is_flag=True,
                   help="Skip re-hashing the build's files against its manifest (now, and when Triton loads it).")
-    def triton(build_dir, repo, name, instances, plugin_libraries, no_verify):  # fmt: skip
+    def triton(build_dir, repo, name, instances, layout, plugin_libraries, no_verify):  # fmt: skip
         """Write a Triton Inference Server model repository for an engine or ONNX Runtime build.
 
-        BUILD_DIR is a build or the main job's OUT (its engine if Triton can serve it, else its ONNX
-        Runtime directory). An engine gives two models: NAME_engine (tensorrt_plan, one forward step)
-        and NAME (Python backend, decoupled: tokenizes, drives prefill and decode through BLS, streams
-        text). An ONNX Runtime build gives NAME alone, which loads the build in its process from where
-        it lies (nothing copied; keep it there). Prints the tritonserver command line; REPO/NAME/README.md
-        says the same and how to call it.
+        BUILD_DIR is a build or the main job's OUT (its engine if it can be served, else its ONNX
+        Runtime directory). The default layout gives one model NAME (Python backend, decoupled) that
+        loads the build in its process from where it lies (ONNX Runtime, or the engine through the
+        runtime's TensorRT backend; nothing copied, keep it there) and runs every concurrent request in
+        one in-flight batch. --layout bls gives an engine two models: NAME_engine (tensorrt_plan, one
+        forward step) and NAME (steps it through BLS, one request at a time). Prints the tritonserver
+        command line; REPO/NAME/README.md says the same and how to call it.
         """
         try:
-            build_dir, why = resolve(build_dir)
+            build_dir, why = resolve(build_dir, layout)
             if why:
                 click.echo(why, err=True)
             write_repository(build_dir, repo, name=name, instances=instances, plugin_libraries=list(plugin_libraries),
-                             verify=not no_verify, say=click.echo)  # fmt: skip
+                             verify=not no_verify, say=click.echo, layout=layout)  # fmt: skip
         except (TritonRepositoryError, ManifestError, PipelineError) as exc:
             raise click.ClickException(str(exc)) from None
 

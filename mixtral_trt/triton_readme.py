@@ -50,21 +50,38 @@ Run Triton's container with a large enough `--shm-size`: tensors in host memory 
 and the Python model through shared memory."""
 
 
-def readme(build: _Build, repo: Path, name: str, command: str) -> str:
+EXECUTOR_DOC = """\
+Concurrency: every request an instance receives goes into one executor (in-flight batching): each of the
+build's `max_batch` cache rows is a slot; waiting requests are admitted into free slots, prompts are
+prefilled in chunks between decode steps, and every decode step runs all admitted requests, each at its
+own position. `execute` returns at once (decoupled); each request's tokens are streamed back by a thread
+of its own, a cancelled request (`is_cancelled`) frees its slot at once, and a bad request, or one that
+finds the queue full, gets an error response of its own. The KV cache stays in the instance's process on
+its device for the model's lifetime: nothing of it goes through Triton. Each instance (config
+`instance_group`, `--instances`) is a process with its own executor, weights and cache."""
+
+
+def readme(build: _Build, repo: Path, name: str, command: str, layout: str = "executor") -> str:
     engine = f"{name}_engine"
     cfg, export = build.manifest["config"], build.manifest["export"]
     kind = "TensorRT engine" if build.platform == "tensorrt_plan" else "ONNX Runtime build"
     text_io = (f"- `{name}/`: Python backend, decoupled. Inputs `text_input` (string), optional `max_tokens`, "
                "`temperature`, `top_p`, `top_k`, `seed`, `stream`; outputs `text_output` and `output_ids`.")  # fmt: skip
-    if build.platform == "tensorrt_plan":
+    if layout == "executor" and build.platform == "tensorrt_plan":
+        models = (f"{text_io} It loads the engine build `{build.directory}` in its own process with "
+                  "`mixtral_trt.runtime.load(..., backend=\"tensorrt\")` (the runtime's TensorRT backend on the "
+                  "GPU Triton gives the instance, in-place KV-cache engines included"
+                  + (", with the plugin libraries shipped in its version directory" if build.plugin_libraries else "")
+                  + "). The build is referenced, not copied: keep it at that path (config parameter `build_dir`); "
+                  "the model refuses to load if the build there is no longer this one (parameter `build_id`).")
+    elif build.platform == "tensorrt_plan":
         models = (f"- `{engine}/`: platform `{build.platform}`, one forward step of the graph (inputs `input_ids`, "
                   "`position_ids`, `write_indices`, `past_key_values.*`; outputs `logits`, `present.*`).\n"
                   f"{text_io} It tokenizes, runs prefill and decode against `{engine}` through BLS, samples and "
                   "streams text.")  # fmt: skip
     else:
         models = (f"{text_io} It loads `{build.directory}` in its own process with `mixtral_trt.runtime.load` "
-                  "(ONNX Runtime; the KV cache stays in that process, and each instance holds its own copy of the "
-                  "weights) and generates as `mixtral-build generate`. "
+                  "(ONNX Runtime; the KV cache stays in that process) and generates as `mixtral-build generate`. "
                   "The build is referenced, not copied: keep it at that path (config parameter `build_dir`); the "
                   "model refuses to load if the build there is no longer the one this repository was written for "
                   "(parameter `build_id`, the sha256 of its manifest.json).")  # fmt: skip
@@ -75,9 +92,8 @@ def readme(build: _Build, repo: Path, name: str, command: str) -> str:
         models,
         "## Start",
         f"```bash\n{command}\n```",
-        *_plugin_section(build, repo, name),
-        INSTALL_DOC.replace("\n", " ") + (" With the engine's cache on the GPU it also needs torch with CUDA."
-                                           if build.platform == "tensorrt_plan" else ""),
+        *(_plugin_section(build, repo, name) if layout == "bls" else _executor_plugins(build)),
+        INSTALL_DOC.replace("\n", " ") + _gpu_needs(build, layout),
         "## Ask",
         (f"```bash\ncurl -s localhost:8000/v2/models/{name}/generate -d "
          "'{\"text_input\": \"The capital of France is\", \"max_tokens\": 32}'\n"
@@ -86,12 +102,38 @@ def readme(build: _Build, repo: Path, name: str, command: str) -> str:
          "\"seed\": 7}'\n```"),
         ("Without `temperature`, `top_p` or `top_k` decoding is greedy, as `mixtral-build generate`. With "
          "`stream` true each token is its own response (`text_output` is the new text, `output_ids` the "
-         f"token); otherwise one response carries the whole text. Concurrency: each of the `{name}` model's "
-         "instances (config `instance_group`) serves one request at a time with its own cache."),
+         "token); otherwise one response carries the whole text."),
+        (EXECUTOR_DOC if layout == "executor" else f"Concurrency: each of the `{name}` model's instances (config "
+         "`instance_group`) serves one request at a time with its own cache.").replace("\n", " "),
     ]  # fmt: skip
-    if build.platform == "tensorrt_plan":
+    if layout == "bls":
         parts += ["## KV cache", KV_CACHE_DOC.format(name=name).replace("\n", " "), ALIASING_DOC.replace("\n", " ")]
     return "\n\n".join(parts) + "\n"
+
+
+def _gpu_needs(build: _Build, layout: str) -> str:
+    if build.platform != "tensorrt_plan":
+        return ""
+    if layout == "bls":
+        return " With the engine's cache on the GPU it also needs torch with CUDA."
+    module = "tensorrt_rtx" if build.manifest["engine"].get("target") == "tensorrt_rtx" else "tensorrt"
+    return (f" For the engine it also needs torch with CUDA and TensorRT's Python module `{module}` of the version "
+            f"that built the plan ({build.manifest['engine'].get('trt_version', 'see the manifest')}).")
+
+
+def _executor_plugins(build: _Build) -> list[str]:
+    if build.platform != "tensorrt_plan" or not (build.plugin_libraries or build.plugins_without_library):
+        return []
+    parts = []
+    if build.plugin_libraries:
+        parts.append(f"The engine's plugin libraries ({', '.join(f'`{n}`' for _, n in build.plugin_libraries)}) "
+                     "ship in the model's version directory; the model loads them before the engine (config "
+                     "parameter `plugin_libraries`).")  # fmt: skip
+    if build.plugins_without_library:
+        parts.append(f"The engine needs the plugin(s) {', '.join(build.plugins_without_library)}, which the build "
+                     "registered from Python; the runtime registers them the same way in the model's process where "
+                     f"the manifest names their module, else pass the C++ `{PLUGIN_LIBRARY}` with `--plugin-library`.")
+    return parts
 
 
 def _plugin_section(build: _Build, repo: Path, name: str) -> list[str]:

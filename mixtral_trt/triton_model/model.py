@@ -1,8 +1,10 @@
 """Triton Python-backend model (decoupled): text in, streamed text out.
 
-Written into the repository by ``mixtral-build triton``; the logic is mixtral_trt's own runtime
-(Generator, Tokenizer, sampling). Over an engine model each forward step is a BLS request to it;
-for an ONNX Runtime build the model loads the build in this process (config parameter build_dir).
+Written into the repository by ``mixtral-build triton``; the logic is mixtral_trt's own runtime.
+With config parameter build_dir (the default layout) the model loads the build in this process (ONNX
+Runtime, or an engine through the runtime's TensorRT backend) and every request of every ``execute``
+call joins one executor (in-flight batching; responses stream from per-request threads). With
+engine_model (layout bls) each forward step is a BLS request to that model, one request at a time.
 Triton's Python environment needs mixtral_trt installed from a checkout or a wheel built from
 one (``pip install /path/to/mixtral-trt``).
 """
@@ -19,6 +21,7 @@ from mixtral_trt.runtime.backends.triton_bls import (
     request_params,
     text_response,
 )
+from mixtral_trt.runtime.backends.triton_serve import ExecutorServer
 from mixtral_trt.runtime.generator import GenerationError, Generator
 from mixtral_trt.runtime.tokenizer import Tokenizer
 
@@ -32,8 +35,10 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         version_dir = Path(args["model_repository"]) / args["model_version"]
-        if "build_dir" in params:  # an ONNX Runtime build, run in this process
-            self.generator = load_in_process(version_dir, params)
+        self.server = None
+        if "build_dir" in params:  # the build runs in this process, on this instance's device
+            device = int(args.get("model_instance_device_id") or 0)
+            self.server = ExecutorServer(pb_utils, load_in_process(version_dir, params, device))
             return
         # The engine model beside this one must be of the same build (refused with both ids otherwise).
         check_pair(version_dir, Path(args["model_repository"]).parent / params["engine_model"] / "1")
@@ -45,6 +50,10 @@ class TritonPythonModel:
 
     def execute(self, requests):
         # Decoupled: execute returns nothing; every response goes through the request's sender.
+        if self.server is not None:  # returns at once; the executor's loop and response threads serve them
+            for request in requests:
+                self.server.submit(request)
+            return None
         for request in requests:
             self._serve(request)
 
@@ -77,4 +86,6 @@ class TritonPythonModel:
             sender.send(error_response(pb_utils, message), flags=final)
 
     def finalize(self):
-        self.generator = None
+        if self.server is not None:
+            self.server.close()
+        self.generator = self.server = None

@@ -172,9 +172,10 @@ def check_pair(version_dir: Path, engine_version_dir: Path) -> dict:
     return ours
 
 
-def load_in_process(version_dir: Path, params: dict):
-    """The generator of an ONNX Runtime build loaded in this process (config parameters build_dir,
-    build_id, verify), after checking that the build at build_dir is the one the repository names."""
+def load_in_process(version_dir: Path, params: dict, device_id: int = 0):
+    """The build loaded in this process (a runtime ``Model``; config parameters build_dir, build_id,
+    verify, backend, plugin_libraries), after checking that the build at build_dir is the one the
+    repository names. An engine runs on GPU ``device_id`` (the instance's device)."""
     ours = build_record(version_dir)
     build_dir, build_id = Path(params["build_dir"]), params["build_id"]
     if ours["build_id"] != build_id:
@@ -197,7 +198,11 @@ def load_in_process(version_dir: Path, params: dict):
         )
     from mixtral_trt import runtime
 
-    return runtime.load(build_dir, verify=params.get("verify", "true") != "false").generator
+    backend, options = params.get("backend", "onnxruntime"), {}
+    if backend == "tensorrt":
+        libraries = [str(Path(version_dir) / n) for n in params.get("plugin_libraries", "").split(";") if n]
+        options = {"device": device_id, "plugin_libraries": libraries}
+    return runtime.load(build_dir, backend=backend, verify=params.get("verify", "true") != "false", **options)
 
 
 # ---------------------------------------------------------------------------------------------

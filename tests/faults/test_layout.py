@@ -135,15 +135,20 @@ def test_inspect_describes_each_stage_of_out(jobs):
     assert stages["precision int8"]["manifest"]["optimize"]["precision"] == "int8"
 
 
-def test_triton_on_out_serves_the_onnxruntime_build_in_process(jobs):
+def test_triton_on_out_serves_its_build_in_process(jobs, tmp_path):
+    """The one-model layout serves OUT/engine (through the runtime's TensorRT backend) where the main job
+    built one, else the ONNX Runtime directory; layout bls passes the RTX engine over with the reason."""
     job = jobs["fp16"]
     assert job["triton"].exit_code == 0, job["triton"].output
+    served, backend = ("engine", "tensorrt") if HAVE_RTX else ("fp16", "onnxruntime")
     config = (job["repo"] / "mixtral" / "config.pbtxt").read_text()
-    assert f'"build_dir" value: {{ string_value: "{(job["out"] / "fp16").resolve()}" }}' in config
-    assert sha256_file(job["out"] / "fp16" / "manifest.json") in config
-    assert f"using {job['out'] / 'fp16'} (ONNX Runtime)" in job["triton"].output
-    if HAVE_RTX:  # the RTX engine is passed over with the reason
-        assert "TensorRT-RTX engine" in job["triton"].output
+    assert f'"build_dir" value: {{ string_value: "{(job["out"] / served).resolve()}" }}' in config
+    assert f'"backend" value: {{ string_value: "{backend}" }}' in config
+    assert sha256_file(job["out"] / served / "manifest.json") in config
+    assert f"using {job['out'] / served} ({'TensorRT' if HAVE_RTX else 'ONNX Runtime'})" in job["triton"].output
+    if HAVE_RTX:
+        bls = _cli("triton", job["out"], "--out", tmp_path / "repo", "--layout", "bls")
+        assert bls.exit_code == 1 and "TensorRT-RTX engine" in bls.output and "Traceback" not in bls.output
 
 
 def test_try_it_line_runs_as_printed(jobs):
@@ -215,7 +220,7 @@ def test_failure_between_the_two_swaps_leaves_the_previous_repository(jobs, tmp_
 
     a = _engine_build(tmp_path / "a", jobs["fp16"]["out"] / "fp16")
     b = _engine_build(tmp_path / "b", jobs["int8"]["out"] / "int8")
-    repo = triton.write_repository(a, tmp_path / "repo")
+    repo = triton.write_repository(a, tmp_path / "repo", layout="bls")
     before = _snapshot(repo)
     real, calls = triton._swap_in, []
 
@@ -227,7 +232,7 @@ def test_failure_between_the_two_swaps_leaves_the_previous_repository(jobs, tmp_
 
     monkeypatch.setattr(triton, "_swap_in", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        triton.write_repository(b, repo)
+        triton.write_repository(b, repo, layout="bls")
     assert _snapshot(repo) == before and _leftovers(repo) == []
     from mixtral_trt.runtime.backends.triton_bls import check_pair
 
@@ -245,7 +250,7 @@ def killed(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGKILL)  # no handler, no cleanup: as a power cut
     return real(*args, **kwargs)
 triton._swap_in = killed
-triton.write_repository(sys.argv[1], sys.argv[2], verify=False)
+triton.write_repository(sys.argv[1], sys.argv[2], verify=False, layout="bls")
 """
 
 
@@ -255,7 +260,7 @@ def test_killed_run_leaves_a_refused_pair_and_the_next_run_cleans_up(jobs, tmp_p
 
     a = _engine_build(tmp_path / "a", jobs["fp16"]["out"] / "fp16")
     b = _engine_build(tmp_path / "b", jobs["int8"]["out"] / "int8")
-    repo = triton.write_repository(a, tmp_path / "repo")
+    repo = triton.write_repository(a, tmp_path / "repo", layout="bls")
     killed = _run("-c", KILLED, b, repo, cwd=Path(__file__).parents[2])
     assert killed.returncode == -9, killed.stderr
     id_a, id_b = sha256_file(a / "manifest.json"), sha256_file(b / "manifest.json")
@@ -264,7 +269,7 @@ def test_killed_run_leaves_a_refused_pair_and_the_next_run_cleans_up(jobs, tmp_p
         check_pair(repo / "mixtral" / "1", repo / "mixtral_engine" / "1")
     assert id_a[:16] in str(refused.value) and id_b[:16] in str(refused.value)
     assert _leftovers(repo)  # the dead run's staging
-    triton.write_repository(b, repo)
+    triton.write_repository(b, repo, layout="bls")
     assert _ids(repo) == (id_b, id_b) and _leftovers(repo) == []
     check_pair(repo / "mixtral" / "1", repo / "mixtral_engine" / "1")
 
@@ -273,7 +278,11 @@ def test_switching_to_an_onnxruntime_build_retires_our_engine_model(jobs, tmp_pa
     from mixtral_trt import triton
 
     ort = jobs["fp16"]["out"] / "fp16"
-    repo = triton.write_repository(_engine_build(tmp_path / "a", ort), tmp_path / "repo")
+    repo = triton.write_repository(_engine_build(tmp_path / "a", ort), tmp_path / "repo", layout="bls")
     assert (repo / "mixtral_engine" / "1" / "model.plan").is_file()
+    triton.write_repository(_engine_build(tmp_path / "b", ort), repo)  # the default layout: one model
+    assert sorted(p.name for p in repo.iterdir()) == ["mixtral"] and _leftovers(repo) == []
+    assert "mixtral_engine" not in (repo / "mixtral" / "config.pbtxt").read_text()
+    triton.write_repository(_engine_build(tmp_path / "c", ort), repo, layout="bls")
     triton.write_repository(ort, repo)
     assert sorted(p.name for p in repo.iterdir()) == ["mixtral"] and _leftovers(repo) == []

@@ -5,6 +5,7 @@ model (``tensorrt_plan``) runs as the ONNX graph its plan was built from (the en
 
 from __future__ import annotations
 
+import threading
 import types
 from pathlib import Path
 
@@ -135,15 +136,30 @@ class Response:
 
 
 class Sender:
+    """A response sender that any thread may call (a decoupled model answers from threads of its own);
+    ``wait()`` blocks until the final flag. ``cancel_after``: is_cancelled() once that many were sent."""
+
     def __init__(self):
-        self.sent, self.cancel_after = [], None
+        self.sent, self.cancel_after, self.errors = [], None, []
+        self._final = threading.Event()
+        self._lock = threading.Lock()
 
     def send(self, response=None, flags=0):
-        assert not (self.sent and self.sent[-1][1]), "a response after the final flag"
-        self.sent.append((response, flags))
+        with self._lock:
+            if self.sent and self.sent[-1][1]:
+                self.errors.append("a response after the final flag")  # Triton refuses it; the test fails
+                raise RuntimeError("a response after the final flag")
+            self.sent.append((response, flags))
+        if flags & 1:
+            self._final.set()
 
     def is_cancelled(self):
         return self.cancel_after is not None and len(self.sent) >= self.cancel_after
+
+    def wait(self, timeout: float = 60.0):
+        assert self._final.wait(timeout), f"no final response within {timeout} s (sent: {len(self.sent)})"
+        assert not self.errors, self.errors
+        return self.sent
 
 
 class Request:

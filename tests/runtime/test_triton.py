@@ -125,7 +125,7 @@ def test_ort_repository_is_one_in_process_model_without_onnx_files(tmp_path, ort
 
 def test_engine_repository_configs_parse_and_match_the_io_table(tmp_path, ort_build, pb2):
     build = engine_dir(tmp_path / "engine", ort_build)
-    repo = write_repository(build, tmp_path / "repo")
+    repo = write_repository(build, tmp_path / "repo", layout="bls")
     manifest = read_manifest(build)
     engine = parse_config(pb2, repo / "mixtral_engine" / "config.pbtxt")
     assert (engine.name, engine.platform) == ("mixtral_engine", "tensorrt_plan")
@@ -146,7 +146,7 @@ def test_engine_repository_configs_parse_and_match_the_io_table(tmp_path, ort_bu
 def test_engine_repository_config_for_each_cache_dtype(tmp_path, ort_build, pb2, cache_dtype):
     io = with_cache_dtype(read_manifest(ort_build)["io"], cache_dtype)
     build = engine_dir(tmp_path / "engine", ort_build, io, cache_dtype=cache_dtype)
-    repo = write_repository(build, tmp_path / "repo")
+    repo = write_repository(build, tmp_path / "repo", layout="bls")
     config = parse_config(pb2, repo / "mixtral_engine" / "config.pbtxt")
     assert config.platform == "tensorrt_plan"
     assert [g.kind for g in config.instance_group] == [pb2.ModelInstanceGroup.KIND_GPU]
@@ -165,7 +165,7 @@ def test_engine_repository_from_converted_precision(tmp_path, builds, pb2, preci
     converted = precision_module.convert(builds[0], tmp_path / precision, precision, progress=False)
     io = read_manifest(converted, verify=False)["io"]
     build = engine_dir(tmp_path / "engine", converted, io, tokenizer=builds[0] / "tokenizer.model")
-    repo = write_repository(build, tmp_path / "repo")
+    repo = write_repository(build, tmp_path / "repo", layout="bls")
     assert_config_matches(parse_config(pb2, repo / "mixtral_engine" / "config.pbtxt"), read_manifest(build))
 
 
@@ -180,7 +180,7 @@ def test_plugin_library_ships_beside_the_engine(tmp_path, ort_build):
               "sha256": sha256_file(lib)}  # fmt: skip
     build = engine_dir(tmp_path / "engine", ort_build, plugins=[plugin])
     lines = []
-    repo = write_repository(build, tmp_path / "repo", say=lines.append)
+    repo = write_repository(build, tmp_path / "repo", say=lines.append, layout="bls")
     shipped = repo / "mixtral_engine" / "1" / lib.name
     assert shipped.read_bytes() == lib.read_bytes()
     flag = f'--backend-config=tensorrt,plugins="{shipped}"'
@@ -190,7 +190,8 @@ def test_plugin_library_ships_beside_the_engine(tmp_path, ort_build):
 
 def test_plugin_without_library_asks_for_the_cpp_library(tmp_path, ort_build):
     plugin = {"name": "MixtralMoETop2", "version": "1", "namespace": "mixtral"}  # the Python creator case
-    repo = write_repository(engine_dir(tmp_path / "engine", ort_build, plugins=[plugin]), tmp_path / "repo")
+    build = engine_dir(tmp_path / "engine", ort_build, plugins=[plugin])
+    repo = write_repository(build, tmp_path / "repo", layout="bls")
     readme = (repo / "mixtral" / "README.md").read_text()
     assert "libmixtral_trt_plugins.so" in readme and "plugins/moe_top2" in readme and "CMake" in readme
     assert "--backend-config=tensorrt,plugins=/abs/path/libmixtral_trt_plugins.so" in readme
@@ -203,7 +204,7 @@ def test_plugin_library_given_for_a_python_creator_engine(tmp_path, ort_build):
     lib.write_bytes(b"\x7fELF stand-in")
     build = engine_dir(tmp_path / "engine", ort_build, plugins=[{"name": "MixtralMoETop2", "library": None}])
     result = CliRunner().invoke(triton_command(), [str(build), "--out", str(tmp_path / "repo"),
-                                                   "--plugin-library", str(lib)])  # fmt: skip
+                                                   "--plugin-library", str(lib), "--layout", "bls"])  # fmt: skip
     assert result.exit_code == 0, result.output
     shipped = tmp_path / "repo" / "mixtral_engine" / "1" / lib.name
     assert shipped.read_bytes() == lib.read_bytes()
@@ -226,7 +227,7 @@ def test_real_engine_manifest(tmp_path, builds, pb2):
     built = engine.build(builds[0], tmp_path / "rtx", target="tensorrt-rtx", max_seq_len=32, cache_update="copy",
                          progress=False)  # fmt: skip
     with pytest.raises(TritonRepositoryError, match="TensorRT-RTX engine"):
-        write_repository(built, tmp_path / "repo")
+        write_repository(built, tmp_path / "repo", layout="bls")
     manifest = read_manifest(built)
     assert manifest["engine"]["cache_update"] == "copy"
     assert not manifest["engine"]["layers"].get("KV_CACHE_UPDATE")  # present.* is a new tensor, not an alias
@@ -234,7 +235,7 @@ def test_real_engine_manifest(tmp_path, builds, pb2):
     shutil.copytree(built, tmp_path / "trt")
     body = {k: v for k, v in manifest.items() if k not in ("format", "format_version", "stage", "files")}
     write_manifest(tmp_path / "trt", "engine", {**body, "engine": {**manifest["engine"], "target": "tensorrt"}})
-    repo = write_repository(tmp_path / "trt", tmp_path / "repo")
+    repo = write_repository(tmp_path / "trt", tmp_path / "repo", layout="bls")
     config = parse_config(pb2, repo / "mixtral_engine" / "config.pbtxt")
     assert_config_matches(config, manifest)
     assert next(t for t in config.input if t.name == "past_key_values.0.key").dims[1] == 32
@@ -254,7 +255,7 @@ def _snapshot(root: Path) -> dict:
     "breakage, message",
     [
         ("plan", r"engine plan .*model\.plan is missing"),
-        ("rtx", "TensorRT-RTX engine; Triton's tensorrt_plan platform runs datacenter TensorRT engines only"),
+        ("rtx", r"TensorRT-RTX engine; Triton's tensorrt_plan platform \(layout 'bls'\) runs datacenter TensorRT"),
         ("sha", r"has sha256 .*, the engine was built against"),
         ("onnx", "has no ONNX model: model.onnx.data missing"),
         ("empty", "has no manifest.json"),
@@ -277,7 +278,7 @@ def test_unservable_build_writes_nothing(tmp_path, builds, breakage, message):
         build = tmp_path / "b"
         build.mkdir(exist_ok=True)
     with pytest.raises((TritonRepositoryError, ManifestError), match=message):
-        write_repository(build, tmp_path / "repo", verify=False)
+        write_repository(build, tmp_path / "repo", verify=False, layout="bls" if breakage == "rtx" else "executor")
     assert not (tmp_path / "repo").exists()
 
 
@@ -363,7 +364,7 @@ def test_modules_import_without_heavy_packages():
 def served(ort_build, tmp_path_factory, pb2):
     """An engine-layout repository (a stand-in plan built from ort_build) and the runtime's reference."""
     root = tmp_path_factory.mktemp("served")
-    repo = write_repository(engine_dir(root / "engine", ort_build), root / "repo")
+    repo = write_repository(engine_dir(root / "engine", ort_build), root / "repo", layout="bls")
     return repo, runtime.load(ort_build)
 
 
@@ -382,7 +383,7 @@ def load_text_model(repo: Path, server: FakeTriton, monkeypatch, pb2):
 def ask(model, **inputs):
     request = Request(**{k: np.asarray(v) for k, v in inputs.items()})
     assert model.execute([request]) is None  # decoupled
-    return request.sender.sent
+    return request.sender.wait()
 
 
 def texts_and_ids(sent):
@@ -537,7 +538,7 @@ def test_device_resident_cache_through_dlpack(device, cache_dtype):
 def test_engine_with_in_place_cache_is_refused(tmp_path, ort_build):
     build = engine_dir(tmp_path / "engine", ort_build, cache_update="inplace")
     with pytest.raises(TritonRepositoryError, match="--cache-update copy"):
-        write_repository(build, tmp_path / "repo")
+        write_repository(build, tmp_path / "repo", layout="bls")
     assert not (tmp_path / "repo").exists()
 
 
