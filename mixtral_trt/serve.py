@@ -318,9 +318,14 @@ def run(build_dir: Path, host: str, port: int, backend: str, max_queue: int, ver
 
 
 def _require_server_packages() -> None:
-    import importlib.util
+    import importlib
 
-    missing = [name for name in ("fastapi", "uvicorn", "pydantic") if importlib.util.find_spec(name) is None]
+    missing = []
+    for name in ("fastapi", "uvicorn", "pydantic"):
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
     if missing:
         raise ServeError(f"serve needs {', '.join(missing)}: pip install 'mixtral-trt[serve]' "
                          "(or pip install fastapi uvicorn)")  # fmt: skip
