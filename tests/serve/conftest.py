@@ -49,6 +49,19 @@ class Served:
             time.sleep(0.01)
 
 
+def scrape(url: str) -> dict[str, float]:
+    """GET /metrics parsed by prometheus_client's own parser: {sample name{labels}: value}."""
+    import httpx
+
+    parser = pytest.importorskip("prometheus_client.parser")
+    out = {}
+    for family in parser.text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=10).text):
+        for sample in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+            out[sample.name + (f"{{{labels}}}" if labels else "")] = sample.value
+    return out
+
+
 @contextlib.contextmanager
 def running_server(model, name: str = NAME):
     from mixtral_trt.serve import create_app, listen, make_server

@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from .conftest import NAME
+from .conftest import NAME, scrape
 
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
@@ -29,18 +29,6 @@ def client(served):
 def alone(oracle, prompt, **sampling):
     [result] = oracle.generate([prompt], **sampling)
     return result
-
-
-def metrics(served) -> dict[str, float]:
-    """GET /metrics parsed by prometheus_client's own parser: {sample name{labels}: value}."""
-    parser = pytest.importorskip("prometheus_client.parser")
-    text = httpx.get(f"{served.url}/metrics", timeout=10).text
-    out = {}
-    for family in parser.text_string_to_metric_families(text):
-        for sample in family.samples:
-            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
-            out[sample.name + (f"{{{labels}}}" if labels else "")] = sample.value
-    return out
 
 
 def test_openai_completions_equal_generate(served, oracle):
@@ -110,11 +98,11 @@ def test_plain_http_endpoints_and_metrics(served, oracle):
         [card] = http.get("/v1/models").json()["data"]
         assert card["id"] == NAME and card["object"] == "model" and card["max_model_len"] == 24
         assert http.get(f"/v1/models/{NAME}").json()["id"] == NAME
-        before = metrics(served)
+        before = scrape(served.url)
         answer = http.post("/v1/completions", json={"prompt": PROMPTS[3], "max_tokens": 6, "temperature": 0}).json()
         assert answer["object"] == "text_completion" and answer["model"] == NAME
         assert answer["choices"][0]["token_ids"] == alone(oracle, PROMPTS[3], max_new_tokens=6, greedy=True).output_ids
-        after = metrics(served)
+        after = scrape(served.url)
     grew = {k: after.get(k, 0) - before.get(k, 0) for k in after}
     assert grew["mixtral_generated_tokens_total"] == 6
     assert grew["mixtral_time_to_first_token_seconds_count"] == 1
@@ -125,6 +113,18 @@ def test_plain_http_endpoints_and_metrics(served, oracle):
                      if k.startswith("mixtral_inter_token_latency_seconds_bucket"))  # fmt: skip
     assert [v for _, v in buckets] == sorted(v for _, v in buckets)  # cumulative
     assert buckets[-1] == (float("inf"), after["mixtral_inter_token_latency_seconds_count"])
+
+
+def test_small_responses_are_not_delayed(served):
+    """Each answer (and each streamed token) leaves at once: no ~40 ms wait for a delayed ACK
+    (Nagle's algorithm on a socket asyncio did not recognise as TCP)."""
+    with httpx.Client(base_url=served.url, timeout=30) as http:
+        took = []
+        for _ in range(15):
+            start = time.perf_counter()
+            http.get("/health")
+            took.append(time.perf_counter() - start)
+    assert sorted(took)[len(took) // 2] < 0.02, took
 
 
 def test_errors_have_openai_shape(served):
