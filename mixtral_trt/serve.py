@@ -50,7 +50,8 @@ def create_app(model, model_name: str, close_on_exit: bool = True):
 
     @app.exception_handler(schema.ApiError)
     async def api_error(request, exc: schema.ApiError):
-        metrics.reject(exc.status)
+        if exc.code not in ("cancelled", "generation_failed"):  # those were queued: counted as ended
+            metrics.reject(exc.status)
         headers = {"Retry-After": "1"} if exc.status == 503 else None
         return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
 

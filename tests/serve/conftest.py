@@ -94,13 +94,15 @@ def served(build):
 
 class GatedBackend:
     """A backend whose every step first waits for ``gate`` (so a test can hold the executor in a
-    step), then sleeps ``delay`` seconds (so a stream lasts long enough to walk away from)."""
+    step), then sleeps ``delay`` seconds (so a stream lasts long enough to walk away from), then
+    raises ``fail`` if set (a backend that breaks)."""
 
     def __init__(self, backend) -> None:
         self._backend = backend
         self.gate = threading.Event()
         self.gate.set()
         self.delay = 0.0
+        self.fail: str | None = None  # a message: every step raises it
 
     def __getattr__(self, name):
         return getattr(self._backend, name)
@@ -109,6 +111,8 @@ class GatedBackend:
         if not self.gate.wait(20):
             raise RuntimeError("the test never opened the gate")
         time.sleep(self.delay)
+        if self.fail:
+            raise RuntimeError(self.fail)
 
     def step(self, *args):
         self._wait()

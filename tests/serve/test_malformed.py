@@ -224,3 +224,23 @@ def test_client_that_walks_away_frees_its_slot(gated, stream):
     assert executor.free_slots() == 2
     assert executor.generated_tokens - made < 20  # cut short, not run to max_tokens
     _wait_for("the cancellation to be counted", lambda: _cancelled(gated.url) == cancelled + 1, timeout=5)
+
+
+def test_backend_failure_is_500_or_an_error_event(gated):
+    """A step that raises ends that request with a 500 in OpenAI's shape (in a stream, after the
+    200 status line: an error event and no [DONE]); the slot is freed and the server goes on."""
+    backend = gated.model.backend
+    backend.fail = "device lost"
+    try:
+        answer = httpx.post(f"{gated.url}/v1/completions", json=GOOD, timeout=30)
+        assert answer.status_code == 500
+        error = answer.json()["error"]
+        assert error["code"] == "generation_failed" and "device lost" in error["message"]
+        with httpx.stream("POST", f"{gated.url}/v1/completions", json={**GOOD, "stream": True}, timeout=30) as r:
+            events = [line for line in r.iter_lines() if line]
+        assert len(events) == 1 and json.loads(events[0].removeprefix("data: "))["error"]["code"] == "generation_failed"
+    finally:
+        backend.fail = None
+    gated.wait_idle()
+    assert gated.executor.free_slots() == 2
+    assert httpx.post(f"{gated.url}/v1/completions", json=GOOD, timeout=30).status_code == 200
