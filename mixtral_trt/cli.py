@@ -35,6 +35,7 @@ _USER_ERRORS = {
     "mixtral_trt.runtime.generator": ("GenerationError",),
     "mixtral_trt.runtime.tokenizer": ("TokenizerError",),
     "mixtral_trt.triton": ("TritonRepositoryError",),
+    "mixtral_trt.serve": ("ServeError",),
 }
 
 
@@ -480,6 +481,17 @@ def _add_triton_command() -> None:
 
 
 _add_triton_command()
+
+
+def _add_serve_command() -> None:
+    from mixtral_trt.serve import serve_command
+
+    command = serve_command()
+    command.callback = _user_errors(command.callback)  # a taken port, a bad build: one Error: line
+    main.add_command(command)
+
+
+_add_serve_command()
 
 
 if __name__ == "__main__":  # pragma: no cover
