@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from .fsutil import atomic_write_text, output_lock, output_path_problem
+from .fsutil import atomic_write_text, output_lock, output_path_problem, overlap_problem
 from .inspect import human_size
 from .manifest import MANIFEST, ManifestError, read_manifest
 
@@ -105,7 +105,9 @@ def run(plan: Plan, say: Callable[[str], None] | None = None, progress: bool = T
     ort_precision = "fp32" if plan.precision == "bf16" else plan.precision
     if Path(plan.out).exists() and not Path(plan.out).is_dir():
         raise PipelineError(f"--out {plan.out} exists and is a file; choose a directory path")
-    problem = output_path_problem(plan.out)
+    # OUT only gains named stage directories, so a checkpoint inside it is safe; writing into the
+    # checkpoint is not (OUT/build.json would change the checkpoint's fingerprint on every run).
+    problem = overlap_problem(plan.model, plan.out, replaced=False) or output_path_problem(plan.out)
     if problem:
         raise PipelineError(problem)
     say(f"target: {target} ({why}); precision: {plan.precision}; output: {plan.out}")
