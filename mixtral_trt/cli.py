@@ -303,8 +303,10 @@ def optimize(src_dir, out_dir, precision, target, moe, int8_lm_head, int8_router
     from mixtral_trt.optimize.lowering import lower_dir
     from mixtral_trt.optimize.precision import convert
 
-    from mixtral_trt.manifest import check_output_dir
+    from mixtral_trt.manifest import check_output_dir, is_artifact, read_manifest
 
+    if not is_artifact(src_dir, "export"):  # what SRC_DIR is instead comes before anything about --out
+        read_manifest(src_dir, "export", verify=False)
     check_output_dir(out_dir, "optimize", source=src_dir)
     options = dict(int8_lm_head=int8_lm_head, int8_router=int8_router, int8_attention=not fp16_attention,
                    progress=not quiet, verify=not no_verify)  # fmt: skip
