@@ -290,6 +290,8 @@ def main_job_stages(out: str | Path) -> dict[str, dict]:
         path = out / Path(entry["path"]).name  # stages are OUT's children, wherever the build ran from
         if (path / MANIFEST).is_file():
             stages[name] = {"path": path, "serves": entry.get("serves", _serves(path))}
+    if not stages:  # an interrupted first run, or a build.json that is not ours: nothing to read
+        raise PipelineError(f"{out / RECORD} lists no finished stage still in {out}; rerun the main job with --out {out}")
     return stages
 
 
@@ -331,9 +333,9 @@ def resolve_build(path: str | Path, want: str = "any",
                 continue
             return stage["path"], "; ".join([f"using {stage['path']} ({RUNTIMES[role]})", *skipped])
     have = ", ".join(f"{s['path']} ({RUNTIMES.get(s['serves'], 'canonical ONNX')})" for s in stages.values())
-    wanted = "a servable build" if want == "any" else f"a build for {RUNTIMES[want]}"
+    wanted = "servable build" if want == "any" else f"build for {RUNTIMES[want]}"
     raise PipelineError("; ".join([f"{path} (a main-job build directory) has no {wanted}", *skipped,
-                                   f"it holds: {have or 'no finished stage'}. Rerun the main job with --out {path}"
+                                   f"it holds: {have}. Rerun the main job with --out {path}"
                                    + (" and a --target that builds an engine" if want == "tensorrt" else "")]))
 
 

@@ -62,6 +62,16 @@ def _nested(built, tmp):
     shutil.copytree(built["ckpt"], tmp / "out" / "ck")
 
 
+def _main_out(record: dict):
+    """A main job's OUT at tmp/out: the export as its stage 'export', and ``record`` as build.json."""
+
+    def setup(built, tmp):
+        shutil.copytree(built["export"], tmp / "out" / "export")
+        (tmp / "out" / "build.json").write_text(json.dumps(record))
+
+    return setup
+
+
 def _a_file(built, tmp):
     (tmp / "f").write_text("not a directory")
 
@@ -101,6 +111,10 @@ CASES = [
     ("generate-missing-dir", None, ["generate", "{T}/nothing", "--prompt-ids", "1"], "{T}/nothing does not exist"),
     ("inspect-a-file", None, ["inspect", "{E}/manifest.json"], "give the directory that holds it, {E}"),
     ("inspect-checkpoint", None, ["inspect", "{C}"], "{C} is a Hugging Face checkpoint, not a build"),
+    ("inspect-out-without-stages", _main_out({}), ["inspect", "{T}/out"],
+     "{T}/out/build.json lists no finished stage still in {T}/out; rerun the main job"),
+    ("generate-out-export-only", _main_out({"export": {"path": "export", "serves": None}}),
+     ["generate", "{T}/out", "--prompt-ids", "1"], "(a main-job build directory) has no build for ONNX Runtime"),
     ("triton-repo-is-build", _copy("export", "x"), ["triton", "{T}/x", "--out", "{T}/x", "--no-verify"],
      "output path {T}/x is the input directory {T}/x itself"),
     ("triton-name-too-long", None, ["triton", "{E}", "--out", "{T}/r", "--name", "m" * 300], "use at most 128"),
