@@ -291,7 +291,9 @@ def main_job_stages(out: str | Path) -> dict[str, dict]:
         if (path / MANIFEST).is_file():
             stages[name] = {"path": path, "serves": entry.get("serves", _serves(path))}
     if not stages:  # an interrupted first run, or a build.json that is not ours: nothing to read
-        raise PipelineError(f"{out / RECORD} lists no finished stage still in {out}; rerun the main job with --out {out}")
+        raise PipelineError(
+            f"{out / RECORD} lists no finished stage still in {out}; rerun the main job with --out {out}"
+        )
     return stages
 
 

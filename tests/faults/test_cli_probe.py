@@ -91,8 +91,8 @@ CASES = [
      "checkpoint directory {T}/f is a file, not a directory"),
     ("export-batch-huge", None, ["export", "--model", "{C}", "--out", "{T}/o", "--max-batch", str(10**12)],
      "--max-batch=1000000000000 x --max-seq-len=4096 = 4096000000000000 tokens; TensorRT's dimensions are 32-bit"),
-    ("main-batch-huge", None, ["--model", "{C}", "--out", "{T}/o", "--max-batch", str(TOKENS // 8), "--max-seq-len", "8",
-                               "--target", "onnxruntime", "--quiet"], f"= {TOKENS} tokens"),
+    ("main-batch-huge", None, ["--model", "{C}", "--out", "{T}/o", "--max-batch", str(TOKENS // 8),
+                               "--max-seq-len", "8", "--target", "onnxruntime", "--quiet"], f"= {TOKENS} tokens"),
     ("export-out-in-checkpoint", _copy("ckpt", "c"), ["export", "--model", "{T}/c", "--out", "{T}/c/o"],
      "output path {T}/c/o is inside the input directory {T}/c"),
     ("export-checkpoint-in-out", _nested, ["export", "--model", "{T}/out/ck", "--out", "{T}/out"],
@@ -120,8 +120,9 @@ CASES = [
     ("triton-name-too-long", None, ["triton", "{E}", "--out", "{T}/r", "--name", "m" * 300], "use at most 128"),
 ]  # fmt: skip
 RTX = [  # a refusal that needs TensorRT-RTX installed (it comes from the RTX target)
-    ("engine-rtx-timing-cache", None, ["engine", "{E}", "--out", "{T}/o", "--target", "tensorrt-rtx", "--timing-cache",
-                                       "{T}/t.cache"], "--timing-cache {T}/t.cache: TensorRT-RTX keeps no timing cache"),
+    ("engine-rtx-timing-cache", None, ["engine", "{E}", "--out", "{T}/o", "--target", "tensorrt-rtx",
+                                       "--timing-cache", "{T}/t.cache"],
+     "--timing-cache {T}/t.cache: TensorRT-RTX keeps no timing cache"),
     ("engine-out-in-source", _copy("export", "x"), ["engine", "{T}/x", "--out", "{T}/x/o", "--target", "tensorrt-rtx"],
      "output path {T}/x/o is inside the input directory {T}/x"),
 ]  # fmt: skip
@@ -166,4 +167,5 @@ def test_kernel_build_usage_and_output_errors(tmp_path, capsys):
     (tmp_path / "f").write_text("x")
     # the output path is refused before nvcc is looked for (so before minutes of compiling)
     assert build.main(["--out-dir", str(tmp_path / "f"), "--nvcc", str(tmp_path / "no-nvcc"), "--quiet"]) == 1
-    assert capsys.readouterr().err == f"Error: output path {tmp_path / 'f'} exists and is a file; choose a directory path\n"
+    expected = f"Error: output path {tmp_path / 'f'} exists and is a file; choose a directory path\n"
+    assert capsys.readouterr().err == expected
