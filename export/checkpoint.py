@@ -74,7 +74,11 @@ def open_checkpoint(model_dir: str | Path) -> Checkpoint:
     """Validate ``model_dir`` (config + safetensors) and index its tensors without reading them."""
     directory = Path(model_dir)
     if not directory.is_dir():
-        raise CheckpointError(f"checkpoint directory {directory} does not exist")
+        what = "is a file, not a directory" if directory.exists() else "does not exist"
+        raise CheckpointError(
+            f"checkpoint directory {directory} {what}; give the directory holding config.json and the "
+            "*.safetensors files, or 'tiny' for the built-in tiny model"
+        )
     cfg = load_config(directory)
     files = _shard_files(directory)
     tensors: dict[str, TensorRef] = {}

@@ -21,7 +21,7 @@ import numpy as np
 
 from mixtral_trt.config import MixtralConfig
 from mixtral_trt.fsutil import atomic_dir
-from mixtral_trt.manifest import check_output_dir, write_manifest
+from mixtral_trt.manifest import MAX_DIM, check_output_dir, write_manifest
 
 from . import model as M
 from . import moe_op
@@ -119,7 +119,7 @@ def export(
     cfg = ckpt.config
     max_seq_len = _check_limits(cfg, max_batch, max_seq_len)
     out_dir = Path(out_dir)
-    check_output_dir(out_dir, "export", ExportError)
+    check_output_dir(out_dir, "export", ExportError, source=ckpt.directory)
     tokenizer = check_tokenizer(ckpt)
     if tokenizer is None:  # a warning, not progress: shown even when progress is off
         print(f"warning: no tokenizer in {ckpt.directory}: the build will take token ids only (--prompt-ids); "
@@ -190,6 +190,11 @@ def _check_limits(cfg: MixtralConfig, max_batch: int, max_seq_len: int | None) -
         raise ExportError(
             f"--max-seq-len={max_seq_len} must be between 2 and the model's "
             f"max_position_embeddings={cfg.max_position_embeddings}"
+        )
+    if max_batch * max_seq_len > MAX_DIM:  # what an engine could be built for (one 32-bit token dimension)
+        raise ExportError(
+            f"--max-batch={max_batch} x --max-seq-len={max_seq_len} = {max_batch * max_seq_len} tokens; TensorRT's "
+            f"dimensions are 32-bit: at most {MAX_DIM}. Give a smaller --max-batch or --max-seq-len"
         )
     return max_seq_len
 

@@ -126,9 +126,11 @@ _verbose_option = click.option(
 
 
 def _parse_sms(ctx, param, value):
-    if not value:
+    if value is None:
         return ()
     sms = tuple(v.strip().lower().removeprefix("sm_").removeprefix("sm") for v in value.split(",") if v.strip())
+    if not sms:  # an empty list would quietly build for the default SMs
+        raise click.BadParameter(f"{value!r} names no SM; give e.g. --sm 89,120, or leave --sm out for the default")
     bad = [v for v in sms if not v.rstrip("a").isdigit()]
     if bad:
         raise click.BadParameter(f"{bad} are not SM numbers; give e.g. --sm 89,120")
@@ -302,11 +304,11 @@ def optimize(src_dir, out_dir, precision, target, moe, int8_lm_head, int8_router
     from mixtral_trt.optimize.lowering import lower_dir
     from mixtral_trt.optimize.precision import convert
 
-    if out_dir.exists() and out_dir.resolve() == src_dir.resolve():
-        raise click.BadParameter("must differ from SRC_DIR", param_hint="--out")
-    from mixtral_trt.manifest import check_output_dir
+    from mixtral_trt.manifest import check_output_dir, is_artifact, read_manifest
 
-    check_output_dir(out_dir, "optimize")
+    if not is_artifact(src_dir, "export"):  # what SRC_DIR is instead comes before anything about --out
+        read_manifest(src_dir, "export", verify=False)
+    check_output_dir(out_dir, "optimize", source=src_dir)
     options = dict(int8_lm_head=int8_lm_head, int8_router=int8_router, int8_attention=not fp16_attention,
                    progress=not quiet, verify=not no_verify)  # fmt: skip
     if target == "canonical":
@@ -477,7 +479,9 @@ def generate(build_dir, prompts, prompt_ids, max_new_tokens, greedy, temperature
 def _add_triton_command() -> None:
     from mixtral_trt.triton import triton_command
 
-    main.add_command(triton_command())
+    command = triton_command()
+    command.callback = _user_errors(command.callback)  # path errors and Ctrl-C as in every other command
+    main.add_command(command)
 
 
 _add_triton_command()

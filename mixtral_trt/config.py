@@ -103,7 +103,7 @@ class MixtralConfig:
             rms_norm_eps=get.float("rms_norm_eps"),
             rope_theta=_rope_theta(raw, source),
             max_position_embeddings=get.int("max_position_embeddings"),
-            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            tie_word_embeddings=_as_bool(raw.get("tie_word_embeddings"), "tie_word_embeddings", source),
             bos_token_id=_optional_token(raw.get("bos_token_id", 1), "bos_token_id", source),
             eos_token_id=_optional_token(raw.get("eos_token_id", 2), "eos_token_id", source),
             torch_dtype=_dtype(raw, source),
@@ -216,8 +216,8 @@ class _Getter:
 
     def float(self, name: str) -> float:
         value = self._value(name, None)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{self.source}: field {name!r} must be a number, found {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not _finite(value):
+            raise ConfigError(f"{self.source}: field {name!r} must be a finite number, found {value!r}")
         return float(value)
 
 
@@ -249,6 +249,14 @@ def _finite(value: float) -> bool:
 def _as_int(value: Any, name: str, source: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ConfigError(f"{source}: field {name!r} must be an integer, found {value!r}")
+    return value
+
+
+def _as_bool(value: Any, name: str, source: str) -> bool:
+    if value is None:
+        return False
+    if not isinstance(value, bool):  # bool("false") is True: a string here would flip the setting
+        raise ConfigError(f"{source}: field {name!r} must be true or false, found {value!r}")
     return value
 
 
@@ -314,8 +322,8 @@ def _rope_theta(raw: dict[str, Any], source: str) -> float:
     theta = inner if inner is not None else top
     if theta is None:
         raise ConfigError(f"{source}: required field 'rope_theta' is missing (Mixtral uses 1000000.0)")
-    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or theta <= 0:
-        raise ConfigError(f"{source}: field 'rope_theta' must be a positive number, found {theta!r}")
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not _finite(theta) or theta <= 0:
+        raise ConfigError(f"{source}: field 'rope_theta' must be a positive finite number, found {theta!r}")
     return float(theta)
 
 
@@ -347,10 +355,13 @@ def _check_dims(c: MixtralConfig) -> None:
             f"config field num_experts_per_tok={c.num_experts_per_tok} must be <= "
             f"num_local_experts={c.num_local_experts}"
         )
-    if c.rms_norm_eps <= 0:
-        raise ConfigError(f"config field rms_norm_eps={c.rms_norm_eps} must be > 0")
-    if c.rope_theta <= 0:
-        raise ConfigError(f"config field rope_theta={c.rope_theta} must be > 0")
+    for name in ("rms_norm_eps", "rope_theta"):  # written so that NaN fails too
+        if not (_finite(getattr(c, name)) and getattr(c, name) > 0):
+            raise ConfigError(f"config field {name}={getattr(c, name)} must be a finite number > 0")
     for name in ("bos_token_id", "eos_token_id"):
-        if getattr(c, name) is not None and getattr(c, name) < 0:
-            raise ConfigError(f"config field {name}={getattr(c, name)} must be a token id >= 0 (or null: none)")
+        token = getattr(c, name)
+        if token is not None and not 0 <= token < c.vocab_size:
+            raise ConfigError(
+                f"config field {name}={token} must be a token id in [0, vocab_size={c.vocab_size}) "
+                "(or null: none); fix the id or vocab_size"
+            )

@@ -215,6 +215,20 @@ def output_path_problem(path: Path) -> str | None:
     return None
 
 
+def overlap_problem(source: Path, out: Path, replaced: bool = True) -> str | None:
+    """Why ``out`` may not be written from ``source`` (None when it may): an output that is its
+    source, or lies inside it, writes into the input; a source inside an output that is
+    ``replaced`` as a whole (a stage's output, a model repository's models) would go with it."""
+    src, dst = Path(source).resolve(), Path(out).resolve()
+    if dst == src:
+        return f"output path {out} is the input directory {source} itself; choose an output path outside it"
+    if src in dst.parents:
+        return f"output path {out} is inside the input directory {source}; choose an output path outside it"
+    if replaced and dst in src.parents:
+        return f"the input directory {source} is inside the output path {out}; choose an output path outside it"
+    return None
+
+
 def public_name(path: str | os.PathLike) -> Path:
     """The output a scratch or lock path belongs to (``D/.OUT.partial-1.2-x/f`` -> ``D/OUT/f``), for messages."""
     path = Path(path)

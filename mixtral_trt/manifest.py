@@ -16,12 +16,14 @@ from pathlib import Path
 from typing import Any, Callable, NoReturn
 
 from .config import ConfigError, MixtralConfig
-from .fsutil import atomic_write_text, output_path_problem
+from .fsutil import atomic_write_text, output_path_problem, overlap_problem
 
 FORMAT = "mixtral-trt"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 STAGES = ("export", "optimize", "engine")
+# The most tokens (batch x sequence) a build may be made for: TensorRT's dimensions are 32-bit.
+MAX_DIM = 2**31 - 1
 _CHUNK = 16 << 20
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
@@ -87,7 +89,7 @@ def _identify(directory: Path, stage: str | tuple[str, ...] | None) -> tuple[dic
     """The manifest, refused unless it is ours, of this format version and (given) of ``stage``."""
     path = directory / MANIFEST
     if not path.is_file():
-        raise ManifestError(f"{directory} has no {MANIFEST}: it is not a mixtral-trt artifact directory")
+        raise ManifestError(_no_manifest(directory))
     try:
         manifest = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
@@ -103,8 +105,30 @@ def _identify(directory: Path, stage: str | tuple[str, ...] | None) -> tuple[dic
         )
     stages = (stage,) if isinstance(stage, str) else stage
     if stages and manifest.get("stage") not in stages:
-        raise ManifestError(f"{path} is a {manifest.get('stage')!r} artifact; expected one of {list(stages)}")
+        raise ManifestError(
+            f"{path} is a {manifest.get('stage')!r} stage's output; this reads the output of {' or '.join(stages)}: "
+            "give such a directory"
+        )
     return manifest, path
+
+
+def _no_manifest(directory: Path) -> str:
+    """Why ``directory`` is not an artifact directory, and what to give instead."""
+    if not directory.exists():
+        return f"{directory} does not exist; give a directory written by mixtral-build (export, optimize, engine)"
+    if not directory.is_dir():
+        if (directory.parent / MANIFEST).is_file():
+            return f"{directory} is a file; give the directory that holds it, {directory.parent}"
+        return f"{directory} is a file, not an artifact directory; give a directory written by mixtral-build"
+    if (directory / "config.json").is_file() and any(directory.glob("*.safetensors")):
+        return (
+            f"{directory} is a Hugging Face checkpoint, not a build: it has no {MANIFEST}. Build it first "
+            f"(mixtral-build --model {directory}, or mixtral-build export --model {directory} --out DIR)"
+        )
+    return (
+        f"{directory} has no {MANIFEST}: it is not a mixtral-trt artifact directory; give one written by "
+        "mixtral-build (export, optimize, engine)"
+    )
 
 
 def verify_files(directory: Path, manifest: dict) -> None:
@@ -324,12 +348,14 @@ def is_artifact(directory: Path, stage: str | None = None) -> bool:
     return True
 
 
-def check_output_dir(out_dir: Path, stage: str, error: type[Exception] = FileExistsError) -> None:
-    """Refuse an output path holding anything but a previous artifact of ``stage`` (which may be replaced)."""
+def check_output_dir(out_dir: Path, stage: str, error: type[Exception] = FileExistsError,
+                     source: Path | None = None) -> None:  # fmt: skip
+    """Refuse an output path holding anything but a previous artifact of ``stage`` (which may be replaced),
+    or one that overlaps the stage's input directory ``source``."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise error(f"output path {out_dir} exists and is a file; choose a directory path")
-    problem = output_path_problem(out_dir)
+    problem = (overlap_problem(source, out_dir) if source is not None else None) or output_path_problem(out_dir)
     if problem:
         raise error(problem)
     if out_dir.is_dir() and any(out_dir.iterdir()) and not is_artifact(out_dir, stage):

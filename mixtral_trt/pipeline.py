@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from .fsutil import atomic_write_text, output_lock, output_path_problem
+from .fsutil import atomic_write_text, output_lock, output_path_problem, overlap_problem
 from .inspect import human_size
 from .manifest import MANIFEST, ManifestError, read_manifest
 
@@ -105,7 +105,9 @@ def run(plan: Plan, say: Callable[[str], None] | None = None, progress: bool = T
     ort_precision = "fp32" if plan.precision == "bf16" else plan.precision
     if Path(plan.out).exists() and not Path(plan.out).is_dir():
         raise PipelineError(f"--out {plan.out} exists and is a file; choose a directory path")
-    problem = output_path_problem(plan.out)
+    # OUT only gains named stage directories, so a checkpoint inside it is safe; writing into the
+    # checkpoint is not (OUT/build.json would change the checkpoint's fingerprint on every run).
+    problem = overlap_problem(plan.model, plan.out, replaced=False) or output_path_problem(plan.out)
     if problem:
         raise PipelineError(problem)
     say(f"target: {target} ({why}); precision: {plan.precision}; output: {plan.out}")
@@ -288,6 +290,10 @@ def main_job_stages(out: str | Path) -> dict[str, dict]:
         path = out / Path(entry["path"]).name  # stages are OUT's children, wherever the build ran from
         if (path / MANIFEST).is_file():
             stages[name] = {"path": path, "serves": entry.get("serves", _serves(path))}
+    if not stages:  # an interrupted first run, or a build.json that is not ours: nothing to read
+        raise PipelineError(
+            f"{out / RECORD} lists no finished stage still in {out}; rerun the main job with --out {out}"
+        )
     return stages
 
 
@@ -329,9 +335,9 @@ def resolve_build(path: str | Path, want: str = "any",
                 continue
             return stage["path"], "; ".join([f"using {stage['path']} ({RUNTIMES[role]})", *skipped])
     have = ", ".join(f"{s['path']} ({RUNTIMES.get(s['serves'], 'canonical ONNX')})" for s in stages.values())
-    wanted = "a servable build" if want == "any" else f"a build for {RUNTIMES[want]}"
+    wanted = "servable build" if want == "any" else f"build for {RUNTIMES[want]}"
     raise PipelineError("; ".join([f"{path} (a main-job build directory) has no {wanted}", *skipped,
-                                   f"it holds: {have or 'no finished stage'}. Rerun the main job with --out {path}"
+                                   f"it holds: {have}. Rerun the main job with --out {path}"
                                    + (" and a --target that builds an engine" if want == "tensorrt" else "")]))
 
 

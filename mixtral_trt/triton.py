@@ -38,7 +38,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from . import triton_swap
-from .fsutil import atomic_write_text
+from .fsutil import atomic_write_text, overlap_problem
 from .manifest import MANIFEST, ManifestError, read_manifest, sha256_file
 from .runtime.backends.triton_bls import BUILD_FILE
 from .triton_readme import PLUGIN_LIBRARY, readme  # noqa: F401 - PLUGIN_LIBRARY: public name
@@ -50,6 +50,7 @@ TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
 _TYPES = {"int64": "TYPE_INT64", "int32": "TYPE_INT32", "float32": "TYPE_FP32", "float16": "TYPE_FP16",
           "bfloat16": "TYPE_BF16", "bool": "TYPE_BOOL", "int8": "TYPE_INT8", "uint8": "TYPE_UINT8"}  # fmt: skip
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_NAME_MAX = 128
 
 class TritonRepositoryError(ValueError):
     """The build cannot become a Triton model repository, or the repository path is not ours to write."""
@@ -293,6 +294,8 @@ def write_repository(build_dir: str | Path, repo: str | Path, name: str = "mixtr
     """
     if not _NAME.match(name) or name.isdigit():
         raise TritonRepositoryError(f"model name {name!r}: use letters, digits, '_', '-', '.' (not only digits)")
+    if len(name) > _NAME_MAX:  # NAME_engine and its staging names must stay valid file names
+        raise TritonRepositoryError(f"model name of {len(name)} characters; use at most {_NAME_MAX}")
     if instances < 1:
         raise TritonRepositoryError(f"instances={instances} must be >= 1")
     if layout not in LAYOUTS:
@@ -300,8 +303,11 @@ def write_repository(build_dir: str | Path, repo: str | Path, name: str = "mixtr
     repo = Path(repo).resolve()
     if repo.exists() and not repo.is_dir():
         raise TritonRepositoryError(f"model repository {repo} exists and is not a directory")
-    build = _with_libraries(inspect_build(resolve(build_dir, layout)[0], verify=verify, layout=layout),
-                            plugin_libraries)  # fmt: skip
+    build_dir = resolve(build_dir, layout)[0]
+    problem = overlap_problem(build_dir, repo)  # Triton would take a build inside the repository for a model
+    if problem:
+        raise TritonRepositoryError(problem)
+    build = _with_libraries(inspect_build(build_dir, verify=verify, layout=layout), plugin_libraries)
     engine_name = f"{name}_engine"
     for model in (engine_name, name):
         _check_ours(repo / model)

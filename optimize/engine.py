@@ -26,7 +26,7 @@ from collections import Counter
 from pathlib import Path
 
 from mixtral_trt.fsutil import atomic_dir, atomic_write_bytes, output_lock
-from mixtral_trt.manifest import check_output_dir, read_manifest, tool_versions, write_manifest
+from mixtral_trt.manifest import MAX_DIM, check_output_dir, read_manifest, tool_versions, write_manifest
 from mixtral_trt.onnx_files import check_external_data
 
 from . import trt_compat
@@ -98,6 +98,11 @@ def _limits(manifest: dict, max_batch: int | None, max_seq_len: int | None) -> t
         raise EngineBuildError(
             f"max_seq_len={max_seq_len!r}; expected 2..{exported} (the export's max_seq_len: its RoPE tables "
             "have that many rows; re-export with a larger --max-seq-len for longer sequences)"
+        )
+    if batch * seq > MAX_DIM:  # a prefill's batch x sequence tokens form one dimension of the MoE plugin
+        raise EngineBuildError(
+            f"max_batch={batch} x max_seq_len={seq} = {batch * seq} tokens in one prefill; TensorRT's dimensions "
+            f"are 32-bit: at most {MAX_DIM}. Give a smaller --max-batch or --max-seq-len"
         )
     return batch, seq
 
@@ -317,6 +322,19 @@ def default_timing_cache(out_dir: Path, trt: trt_compat.TensorRT) -> Path:
     return Path(out_dir).resolve().parent / f"timing-{trt.flavour}-{trt.version}.cache"
 
 
+def _check_timing_cache(trt: trt_compat.TensorRT, path: str | Path | None) -> None:
+    """Before the build, not after it: a cache TensorRT-RTX would ignore, or a path that cannot be written."""
+    if path is None:
+        return
+    if trt.is_rtx:
+        raise EngineBuildError(
+            f"--timing-cache {path}: TensorRT-RTX keeps no timing cache; drop the option, or build with "
+            "datacenter TensorRT (--target tensorrt)"
+        )
+    if Path(path).exists() and not Path(path).is_file():
+        raise EngineBuildError(f"--timing-cache {path} is not a file; give a file path (created if missing)")
+
+
 def _load_timing_cache(config, path: Path | None):
     data = path.read_bytes() if path is not None and path.is_file() else b""
     try:
@@ -362,12 +380,13 @@ def build(
     src_dir, out_dir = Path(src_dir), Path(out_dir)
     manifest, model_path = _source(src_dir, verify)
     batch, seq = _limits(manifest, max_batch, max_seq_len)
-    check_output_dir(out_dir, "engine", EngineBuildError)
+    check_output_dir(out_dir, "engine", EngineBuildError, source=src_dir)
     try:
         trt = trt_compat.load(target)
     except ValueError as exc:
         raise EngineBuildError(str(exc)) from None
     target_sms = check_target_sms(trt, sms)
+    _check_timing_cache(trt, timing_cache)
 
     with output_lock(out_dir):  # held for the whole stage: a second writer is refused at once
         _say(progress, f"parsing {model_path} with {trt.flavour} {trt.version}")

@@ -277,7 +277,7 @@ def lower_dir(src_dir: str | Path, out_dir: str | Path, target: str = "onnxrunti
             f"data='move' if {src_dir} is about to be deleted, or skip lowering: ONNX Runtime lowers {src_dir} "
             "in memory when it loads it (runtime.load, mixtral-build generate)"
         )
-    check_output_dir(out_dir, "optimize")
+    check_output_dir(out_dir, "optimize", source=src_dir)
     model = onnx.load(str(src_dir / info["model_file"]), load_external_data=False)
     check_external_data(src_dir / info["model_file"], model)
     lowered = lower_for_onnxruntime(model, moe, int(info["max_seq_len"]))

@@ -123,7 +123,7 @@ def convert(
                                 "re-run the export")  # fmt: skip
     if out_dir.exists() and out_dir.resolve() == src_dir.resolve():
         raise PrecisionError(f"output directory {out_dir} is the export directory itself; choose another path")
-    check_output_dir(out_dir, "optimize")
+    check_output_dir(out_dir, "optimize", source=src_dir)
     small = {n: e for n, e in manifest["files"].items() if n != info["data_file"]}
     if verify:  # the data file is checked as it is read (one pass over the weights)
         verify_files(src_dir, {"files": small})

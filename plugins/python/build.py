@@ -241,6 +241,14 @@ def build_library(out_dir=None, archs=DEFAULT_ARCHS, nvcc: str = "nvcc", verbose
     archs = tuple(dict.fromkeys(normalize_arch(a) for a in archs))
     if not archs:
         raise BuildError("no architecture given; pass e.g. archs=('90a',)")
+    if out_dir is not None:  # before minutes of compiling, not after
+        from mixtral_trt.fsutil import output_path_problem
+
+        problem = output_path_problem(Path(out_dir))
+        if Path(out_dir).exists() and not Path(out_dir).is_dir():
+            problem = f"output path {out_dir} exists and is a file; choose a directory path"
+        if problem:
+            raise BuildError(problem)
     ver = nvcc_version(nvcc)
     key = build_key(archs, ver)
     final = Path(out_dir) if out_dir is not None else cache_root() / key
@@ -294,8 +302,15 @@ def _publish(tmp: Path, final: Path) -> None:
     replace_dir(tmp, final)
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        """A bad flag: usage, then one ``Error:`` line and exit 1, as mixtral-build's own refusals."""
+        self.print_usage(sys.stderr)
+        self.exit(1, f"Error: {message}\n")
+
+
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m mixtral_trt.plugins.build", description=__doc__.split("\n\n")[0])
+    ap = _Parser(prog="python -m mixtral_trt.plugins.build", description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", action="append", help=f"SM architecture (repeatable) [default: {' '.join(DEFAULT_ARCHS)}]")
     ap.add_argument("--out-dir", type=Path, help="build here instead of the cache directory")
     ap.add_argument("--nvcc", default="nvcc", help="nvcc to use [default: nvcc on PATH]")
@@ -304,7 +319,7 @@ def main(argv=None) -> int:
     try:
         lib = build_library(args.out_dir, tuple(args.arch or DEFAULT_ARCHS), args.nvcc, verbose=not args.quiet)
     except BuildError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"Error: {e}", file=sys.stderr)
         return 1
     print(lib)
     return 0

@@ -232,7 +232,7 @@ def test_help_texts_name_cli_flags_not_python_keywords():
 def test_missing_nvcc_error_names_the_flag(tmp_path):
     cmd = [sys.executable, "-m", "mixtral_trt.plugins.build", "--nvcc", str(tmp_path / "no-nvcc"), "--quiet"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 1 and proc.stderr.startswith("error: nvcc not found"), proc.stderr
+    assert proc.returncode == 1 and proc.stderr.startswith("Error: nvcc not found"), proc.stderr
     assert "--nvcc PATH" in proc.stderr and not KEYWORD_SYNTAX.findall(proc.stderr), proc.stderr
 
 

@@ -348,7 +348,7 @@ def test_cli_command(tmp_path, ort_build):
     assert result.exit_code == 0, result.output
     assert f"start it:  tritonserver --model-repository={tmp_path / 'repo'}" in result.output
     bad = CliRunner().invoke(triton_command(), [str(tmp_path / "nothing"), "--out", str(tmp_path / "r2")])
-    assert bad.exit_code == 1 and "Error: " in bad.output and "has no manifest.json" in bad.output
+    assert bad.exit_code == 1 and "Error: " in bad.output and "nothing does not exist" in bad.output
 
 
 def test_modules_import_without_heavy_packages():
