@@ -75,6 +75,23 @@ TEST(Executor, RowsChunksAndRunsFollowTheSchedule) {
   EXPECT_EQ(backend.calls[7].ids[0], want_a[2]);
 }
 
+TEST(Executor, PrefillGoesInAdmissionOrderNotRowOrder) {
+  TraceBackend backend(3, 64, kVocab);
+  Executor ex(backend, nullptr, chunked(4));
+  auto x = ex.submit(greedy({1}, 1));             // row 0, done within the first step
+  auto y = ex.submit(greedy(prompt(12, 1), 4));   // row 1, three chunks
+  ex.step();
+  EXPECT_TRUE(x->done());
+  auto z = ex.submit(greedy(prompt(3, 2), 4));    // row 0 again, admitted after y
+  backend.calls.clear();
+  ex.step();  // y's first chunk (y came first); z's 3 tokens no longer fit this step's budget of 4
+  ASSERT_EQ(backend.calls.size(), 1u);
+  expect_call(backend.calls[0], 1, 1, 4, {0});
+  ex.run_until_idle();
+  EXPECT_EQ(z->wait().output_ids, continuation(prompt(3, 2), 4, kVocab, kEos));
+  EXPECT_EQ(y->wait().output_ids, continuation(prompt(12, 1), 4, kVocab, kEos));
+}
+
 TEST(Executor, PlaceholdersFillFreeAndPrefillingRowsInsideARun) {
   TraceBackend backend(4, 64, kVocab);
   Executor ex(backend, nullptr, chunked(4));
@@ -209,18 +226,18 @@ TEST(Executor, CancelFreesTheSlotAndKeepsTheTokensSoFar) {
   EXPECT_EQ(b->wait().output_ids, continuation(prompt(4, 2), 6, kVocab, kEos));
   for (const auto& c : backend.calls) EXPECT_EQ(c.r0, 0);  // b took a's row
 
-  // From its own callback, during the step: no further token.
+  // From its own callback at its first token (chosen in prefill): not even this step's decode runs it.
   Request r = greedy(prompt(5, 3), 30);
   std::vector<int64_t> seen;
   r.on_token = [&](Handle& h, const Delta& d) {
     seen.push_back(d.token_id);
-    if (seen.size() == 3) h.cancel();
+    h.cancel();
   };
   auto c = ex.submit(std::move(r));
   ex.run_until_idle();
   EXPECT_EQ(c->wait().finish_reason, "cancelled");
   EXPECT_EQ(c->wait().output_ids, seen);
-  EXPECT_EQ(seen.size(), 3u);
+  EXPECT_EQ(seen.size(), 1u);
   EXPECT_EQ(ex.stats().running, 0u);
 }
 
