@@ -67,9 +67,7 @@ bool Handle::done() const {
 }
 
 Result Handle::wait() {
-  if (executor_.stepping_ == std::this_thread::get_id())
-    throw GenerationError("Handle::wait() called from a callback inside Executor::step() would never return; "
-                          "wait outside the callbacks");
+  executor_.not_from_a_callback("Handle::wait");
   std::unique_lock<std::mutex> lock(mutex_);
   while (!result_) {
     if (!executor_.running()) {  // no loop thread: this caller steps the executor
@@ -177,27 +175,39 @@ ExecutorStats Executor::stats() const {
   return {queue_.size(), occupied_, rows_.size(), iterations_, generated_};
 }
 
+void Executor::not_from_a_callback(const char* what) const {
+  if (stepping_ == std::this_thread::get_id())
+    throw GenerationError(std::string(what) + "() called from a callback inside step() would wait for "
+                          "itself; call it outside the callbacks");
+}
+
 void Executor::start() {
-  std::lock_guard<std::mutex> lock(queue_mutex_);
-  if (closed_) throw GenerationError("the executor is closed; create a new one");
-  if (running_) return;
-  if (thread_.joinable()) thread_.join();  // a loop that stop() ended from its own thread
-  stopping_ = false;
+  not_from_a_callback("Executor::start");
+  std::lock_guard<std::mutex> control(control_mutex_);
+  {
+    std::lock_guard<std::mutex> lock(queue_mutex_);
+    if (closed_) throw GenerationError("the executor is closed; create a new one");
+    if (running_) return;
+    stopping_ = false;
+  }
   running_ = true;
   thread_ = std::thread([this] { loop(); });
 }
 
 void Executor::stop() {
+  not_from_a_callback("Executor::stop");
+  std::lock_guard<std::mutex> control(control_mutex_);
   {
     std::lock_guard<std::mutex> lock(queue_mutex_);
     stopping_ = true;
   }
   wake_.notify_all();
-  if (thread_.joinable() && thread_.get_id() != std::this_thread::get_id()) thread_.join();
+  if (thread_.joinable()) thread_.join();
   running_ = false;
 }
 
 void Executor::close() {
+  not_from_a_callback("Executor::close");
   stop();
   std::deque<std::unique_ptr<Active>> waiting;
   {

@@ -261,6 +261,21 @@ TEST(Executor, StopIdsEosAndLengthEndRequests) {
   EXPECT_EQ(reason, "length");  // on_done ran before wait() returned
 }
 
+TEST(Executor, WaitingInsideACallbackEndsTheRequestInsteadOfHanging) {
+  TraceBackend backend(2, 64, kVocab);
+  Executor ex(backend, nullptr, chunked(8));
+  Request r = greedy(prompt(3, 0), 5);
+  r.on_token = [](Handle& h, const Delta&) { h.wait(); };
+  auto h = ex.submit(std::move(r));
+  auto other = ex.submit(greedy(prompt(4, 1), 5));
+  ex.run_until_idle();
+  const Result res = h->wait();
+  EXPECT_EQ(res.finish_reason, "error");
+  EXPECT_NE(res.error.find("the on_token callback threw: Handle::wait() called from a callback"), std::string::npos)
+      << res.error;
+  EXPECT_EQ(other->wait().output_ids, continuation(prompt(4, 1), 5, kVocab, kEos));
+}
+
 TEST(Executor, ABackendErrorEndsOnlyTheRequestsOfThatStep) {
   TraceBackend backend(2, 64, kVocab);
   Executor ex(backend, nullptr, chunked(4));

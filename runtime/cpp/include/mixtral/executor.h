@@ -19,8 +19,9 @@
 //
 // Threads: submit() and Handle::cancel() from any thread (also from inside a callback). Either a
 // background thread runs the loop (start() / stop()), or callers drive it: step(),
-// run_until_idle(), Handle::wait(). Callbacks run on the stepping thread, inside step(); the
-// Executor must outlive its handles' use.
+// run_until_idle(), Handle::wait(). Callbacks run on the stepping thread, inside step() (on_done
+// of a request cancelled while queued: on the cancelling thread); start(), stop(), close() and
+// Handle::wait() refuse to run inside a callback. The Executor must outlive its handles' use.
 #pragma once
 
 #include <atomic>
@@ -141,6 +142,7 @@ class Executor {
   void end(Active& a, const std::string& reason, const std::string& error = "");
   void fail_all(const std::string& error);
   void loop();
+  void not_from_a_callback(const char* what) const;  // GenerationError when on the stepping thread
 
   Backend& backend_;
   const Tokenizer* tokenizer_;
@@ -153,6 +155,7 @@ class Executor {
   std::mutex step_mutex_;           // the backend, rows_
   std::atomic<std::thread::id> stepping_{};  // the thread inside step(), if any
   std::atomic<size_t> occupied_{0};
+  std::mutex control_mutex_;  // start / stop
   std::thread thread_;
   std::atomic<bool> running_{false};
   bool stopping_ = false, closed_ = false;
