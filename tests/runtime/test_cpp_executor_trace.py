@@ -66,7 +66,8 @@ class TraceBackend:
     def step_rows(self, r0: int, input_ids, position_ids, write_indices):
         B, S = input_ids.shape
         self.calls.append({"r0": r0, "n": B, "seq": S, "ids": input_ids.reshape(-1).tolist(),
-                           "positions": position_ids.reshape(-1).tolist(), "write_indices": write_indices.tolist()})  # fmt: skip
+                           "positions": position_ids.reshape(-1).tolist(),
+                           "write_indices": write_indices.tolist()})  # fmt: skip
         rows = self.cache[r0 : r0 + B]  # [B, slots], a view
         logits = np.zeros((B, S, self.vocab_size), np.float32)
         for b in range(B):
@@ -103,7 +104,8 @@ def run_python(trace: dict) -> list[dict]:
         it += 1
     for k in sorted(handles):
         res = handles[k].result()
-        events.append({"event": "result", "request": k, "output_ids": res.output_ids, "finish_reason": res.finish_reason})
+        events.append({"event": "result", "request": k, "output_ids": res.output_ids,
+                       "finish_reason": res.finish_reason})  # fmt: skip
     return events
 
 
