@@ -30,7 +30,8 @@ struct ProfileRange {
   int64_t min_batch, min_seq, max_batch, max_seq;
 };
 
-// A decode context for one batch size and, once captured, its CUDA graph.
+// A decode context for one row run (r0, n) and, once captured, its CUDA graph (which holds the
+// run's cache addresses, hence one per run).
 struct Decoder {
   std::unique_ptr<nvinfer1::IExecutionContext> context;
   cudaGraphExec_t graph = nullptr;
@@ -79,6 +80,10 @@ float bf16_to_float(uint16_t h) {
   return f;
 }
 
+bool is_cache(const std::string& name) {
+  return name.rfind("past_key_values.", 0) == 0 || name.rfind("present.", 0) == 0;
+}
+
 }  // namespace
 
 struct TensorRTBackend::Impl {
@@ -98,7 +103,8 @@ struct TensorRTBackend::Impl {
   CudaBuffer scratch;
   std::map<std::string, void*> addresses;
   std::map<int, std::unique_ptr<nvinfer1::IExecutionContext>> prefill;  // by profile
-  std::map<int64_t, Decoder> decoders;                                   // by batch size
+  std::map<int, int64_t> prefill_rows;                                   // the row each one's caches point at
+  std::map<std::pair<int64_t, int64_t>, Decoder> decoders;               // by row run (r0, n)
 
   Impl(const Manifest& m, const EngineOptions& o) : manifest(m), options(o) {}
   ~Impl() {
@@ -112,12 +118,16 @@ struct TensorRTBackend::Impl {
   void deserialize(const std::filesystem::path& plan, const EngineSection& spec);
   void check_engine();
   void allocate();
-  std::unique_ptr<nvinfer1::IExecutionContext> new_context(int profile);
+  size_t row_bytes() const { return kv.bytes_per_buffer() / static_cast<size_t>(kv.batch); }  // one [K, L, D] row
+  std::map<std::string, void*> addresses_at(int64_t r0) const;
+  void bind(nvinfer1::IExecutionContext& ctx, const std::map<std::string, void*>& at, bool cache_only);
+  std::unique_ptr<nvinfer1::IExecutionContext> new_context(int profile, int64_t r0);
+  nvinfer1::IExecutionContext& prefill_context(int profile, int64_t r0);
   void set_shapes(nvinfer1::IExecutionContext& ctx, int64_t batch, int64_t seq);
   int choose_profile(int64_t batch, int64_t seq) const;
   void enqueue(nvinfer1::IExecutionContext& ctx);
-  void decode(int64_t batch, int profile);
-  cudaGraphExec_t capture(nvinfer1::IExecutionContext& ctx, int64_t batch);
+  void decode(int64_t r0, int64_t batch, int profile);
+  cudaGraphExec_t capture(nvinfer1::IExecutionContext& ctx, int64_t r0, int64_t batch);
   void stage(const std::string& name, const std::vector<int64_t>& values);
   std::vector<float> read_logits(int64_t batch, int64_t seq, const std::vector<int64_t>& last);
 };
@@ -273,18 +283,41 @@ void TensorRTBackend::Impl::allocate() {
   check_cuda(cudaStreamSynchronize(stream), "allocating the engine's buffers");
 }
 
-// A context on `profile` sharing the activation scratch, with every tensor address bound.
-std::unique_ptr<nvinfer1::IExecutionContext> TensorRTBackend::Impl::new_context(int profile) {
+// Every tensor address, the caches at row r0: each cache is row-major [max_batch, K, L, D], so
+// rows r0.. start r0 rows in and a run of n rows is the same memory with shape [n, K, L, D].
+std::map<std::string, void*> TensorRTBackend::Impl::addresses_at(int64_t r0) const {
+  std::map<std::string, void*> at = addresses;
+  for (auto& [name, address] : at)
+    if (is_cache(name)) address = static_cast<char*>(address) + static_cast<size_t>(r0) * row_bytes();
+  return at;
+}
+
+void TensorRTBackend::Impl::bind(nvinfer1::IExecutionContext& ctx, const std::map<std::string, void*>& at,
+                                 bool cache_only) {
+  for (const auto& [name, address] : at)
+    if ((!cache_only || is_cache(name)) && !ctx.setTensorAddress(name.c_str(), address))
+      throw TensorRTError("TensorRT refused the address of '" + name + "'." + logger().said());
+}
+
+// A context on `profile` sharing the activation scratch, every tensor address bound (caches at row r0).
+std::unique_ptr<nvinfer1::IExecutionContext> TensorRTBackend::Impl::new_context(int profile, int64_t r0) {
   std::unique_ptr<nvinfer1::IExecutionContext> ctx(
       engine->createExecutionContext(nvinfer1::ExecutionContextAllocationStrategy::kUSER_MANAGED));
   if (!ctx) throw TensorRTError("TensorRT could not create an execution context." + logger().said());
   ctx->setDeviceMemoryV2(scratch.get(), static_cast<int64_t>(scratch.bytes()));
   if (profile != 0 && !ctx->setOptimizationProfileAsync(profile, stream))
     throw TensorRTError("TensorRT refused optimization profile " + std::to_string(profile) + "." + logger().said());
-  for (const auto& [name, address] : addresses)
-    if (!ctx->setTensorAddress(name.c_str(), address))
-      throw TensorRTError("TensorRT refused the address of '" + name + "'." + logger().said());
+  bind(*ctx, addresses_at(r0), false);
   return ctx;
+}
+
+// The profile's prefill context, its cache addresses moved to row r0 when they point elsewhere.
+nvinfer1::IExecutionContext& TensorRTBackend::Impl::prefill_context(int profile, int64_t r0) {
+  auto& ctx = prefill[profile];
+  if (!ctx) ctx = new_context(profile, r0);
+  else if (prefill_rows[profile] != r0) bind(*ctx, addresses_at(r0), true);
+  prefill_rows[profile] = r0;
+  return *ctx;
 }
 
 void TensorRTBackend::Impl::set_shapes(nvinfer1::IExecutionContext& ctx, int64_t batch, int64_t seq) {
@@ -321,14 +354,14 @@ void TensorRTBackend::Impl::enqueue(nvinfer1::IExecutionContext& ctx) {
     throw TensorRTError("TensorRT could not enqueue the step (enqueueV3 failed)." + logger().said());
 }
 
-void TensorRTBackend::Impl::decode(int64_t batch, int profile) {
-  auto it = decoders.find(batch);
+void TensorRTBackend::Impl::decode(int64_t r0, int64_t batch, int profile) {
+  auto it = decoders.find({r0, batch});
   if (it == decoders.end()) {
-    Decoder& dec = decoders[batch];
-    dec.context = new_context(profile);
-    set_shapes(*dec.context, batch, 1);  // once: a decoder serves one batch size
+    Decoder& dec = decoders[{r0, batch}];
+    dec.context = new_context(profile, r0);
+    set_shapes(*dec.context, batch, 1);  // once: a decoder serves one row run
     enqueue(*dec.context);  // this step's result, and TensorRT's lazy initialisation before any capture
-    if (options.cuda_graphs && graph_error.empty()) dec.graph = capture(*dec.context, batch);
+    if (options.cuda_graphs && graph_error.empty()) dec.graph = capture(*dec.context, r0, batch);
   } else if (it->second.graph != nullptr) {
     check_cuda(cudaGraphLaunch(it->second.graph, stream), "replaying the decode CUDA graph");
   } else {
@@ -336,7 +369,7 @@ void TensorRTBackend::Impl::decode(int64_t batch, int profile) {
   }
 }
 
-cudaGraphExec_t TensorRTBackend::Impl::capture(nvinfer1::IExecutionContext& ctx, int64_t batch) {
+cudaGraphExec_t TensorRTBackend::Impl::capture(nvinfer1::IExecutionContext& ctx, int64_t r0, int64_t batch) {
   // Capture records the enqueue; it does not run the step again.
   const cudaError_t began = cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal);
   const bool enqueued = began == cudaSuccess && ctx.enqueueV3(stream);
@@ -350,7 +383,8 @@ cudaGraphExec_t TensorRTBackend::Impl::capture(nvinfer1::IExecutionContext& ctx,
   cudaGetLastError();  // clear the error the failed capture left behind
   std::string why = cudaGetErrorString(ended != cudaSuccess ? ended : made);
   if (began == cudaSuccess && !enqueued) why = "enqueueV3 returned false under capture." + logger().said();
-  graph_error = "capturing the batch-" + std::to_string(batch) + " decode step failed: " + why;
+  graph_error = "capturing the decode step of rows " + std::to_string(r0) + ".." + std::to_string(r0 + batch - 1) +
+                " failed: " + why;
   std::cerr << "mixtral_runtime: decode runs without CUDA graphs: " << graph_error << "\n";
   return nullptr;
 }
@@ -410,11 +444,20 @@ int64_t TensorRTBackend::max_step_len(int64_t batch) const {
 std::vector<float> TensorRTBackend::step(const std::vector<int64_t>& ids, const std::vector<int64_t>& pos,
                                          const std::vector<int64_t>& where, int64_t batch, int64_t seq,
                                          const std::vector<int64_t>& last) {
+  return step_rows(0, ids, pos, where, batch, seq, last);
+}
+
+std::vector<float> TensorRTBackend::step_rows(int64_t r0, const std::vector<int64_t>& ids,
+                                              const std::vector<int64_t>& pos, const std::vector<int64_t>& where,
+                                              int64_t batch, int64_t seq, const std::vector<int64_t>& last) {
   Impl& m = *impl_;
   if (batch < 1 || batch > m.kv.batch || seq < 1 || seq > m.kv.max_seq_len)
     throw GenerationError("batch " + std::to_string(batch) + " x seq " + std::to_string(seq) +
                           " is outside the build's 1.." + std::to_string(m.kv.batch) + " x 1.." +
                           std::to_string(m.kv.max_seq_len));
+  if (r0 < 0 || r0 > m.kv.batch - batch)
+    throw GenerationError("rows " + std::to_string(r0) + ".." + std::to_string(r0 + batch - 1) +
+                          " are outside the cache's rows 0.." + std::to_string(m.kv.batch - 1));
   const auto n = static_cast<size_t>(batch * seq);
   if (ids.size() != n || pos.size() != n || where.size() != static_cast<size_t>(batch) ||
       last.size() != static_cast<size_t>(batch))
@@ -437,12 +480,11 @@ std::vector<float> TensorRTBackend::step(const std::vector<int64_t>& ids, const 
   m.stage("position_ids", pos);
   m.stage("write_indices", where);
   if (seq == 1) {
-    m.decode(batch, profile);
+    m.decode(r0, batch, profile);
   } else {
-    auto& ctx = m.prefill[profile];
-    if (!ctx) ctx = m.new_context(profile);
-    m.set_shapes(*ctx, batch, seq);
-    m.enqueue(*ctx);
+    nvinfer1::IExecutionContext& ctx = m.prefill_context(profile, r0);
+    m.set_shapes(ctx, batch, seq);
+    m.enqueue(ctx);
   }
   return m.read_logits(batch, seq, last);
 }

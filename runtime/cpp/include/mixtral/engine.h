@@ -7,13 +7,15 @@
 //   the manifest's io table; every present.{i}.* must alias past_key_values.{i}.* (in-place update).
 // - Device memory is allocated once: the KV cache per (layer, kind) as [max_batch, K, max_seq_len,
 //   D] (zeroed), staging buffers for input_ids / position_ids / write_indices, flat logits, and
-//   one activation scratch shared by all contexts (USER_MANAGED). A batch of b rows binds the
-//   leading rows of each cache (same address, smaller shape) as both past and present.
+//   one activation scratch shared by all contexts (USER_MANAGED). A step over the n rows r0 ..
+//   r0+n-1 (step_rows; step() is the run at row 0) binds that run of each row-major cache
+//   (address base + r0 * row_bytes, shape [n, K, L, D]) as both past and present.
 // - Tensor addresses are set once per context; input shapes per step. Prefill (seq > 1) uses one
-//   context per optimization profile. Decode (seq == 1) uses one context per batch size: its first
-//   step is a plain enqueueV3, then one enqueueV3 is captured into a CUDA graph that later steps
-//   replay after staging their inputs. A failed capture is reported once and decode falls back to
-//   plain enqueue.
+//   context per optimization profile, its cache addresses re-set when a step's first row differs
+//   from the previous one's. Decode (seq == 1) uses one context per row run (r0, n): its first
+//   step is a plain enqueueV3, then one enqueueV3 is captured into a CUDA graph (keyed by the same
+//   run) that later steps replay after staging their inputs. A failed capture is reported once and
+//   decode falls back to plain enqueue.
 //
 // This header has no TensorRT or CUDA types; link mixtral_runtime (nvinfer, cudart).
 #pragma once
@@ -57,6 +59,10 @@ class TensorRTBackend : public Backend {
   std::vector<float> step(const std::vector<int64_t>& input_ids, const std::vector<int64_t>& position_ids,
                           const std::vector<int64_t>& write_indices, int64_t batch, int64_t seq,
                           const std::vector<int64_t>& last) override;
+  bool has_row_runs() const override { return true; }
+  std::vector<float> step_rows(int64_t r0, const std::vector<int64_t>& input_ids,
+                               const std::vector<int64_t>& position_ids, const std::vector<int64_t>& write_indices,
+                               int64_t batch, int64_t seq, const std::vector<int64_t>& last) override;
 
   void* cache_address(int64_t layer, const std::string& kind) const;  // device address of one KV buffer
   bool decode_graphs() const;       // false once a capture failed (or cuda_graphs was off)

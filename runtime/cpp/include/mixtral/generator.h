@@ -39,15 +39,35 @@ class Backend {
   virtual std::vector<float> step(const std::vector<int64_t>& input_ids, const std::vector<int64_t>& position_ids,
                                   const std::vector<int64_t>& write_indices, int64_t batch, int64_t seq,
                                   const std::vector<int64_t>& last) = 0;
+
+  // The same step over the cache rows r0 .. r0+batch-1 only (bound at base + r0 * row_bytes with
+  // shape [batch, K, L, D]); other rows are not touched. The executor gives each request its own
+  // row through it. A backend without row runs (has_row_runs() false) serves rows from 0 through
+  // step() and refuses any other first row; the executor then uses one slot.
+  virtual bool has_row_runs() const { return false; }
+  virtual std::vector<float> step_rows(int64_t r0, const std::vector<int64_t>& input_ids,
+                                       const std::vector<int64_t>& position_ids,
+                                       const std::vector<int64_t>& write_indices, int64_t batch, int64_t seq,
+                                       const std::vector<int64_t>& last) {
+    if (r0 != 0)
+      throw GenerationError("this backend has no row runs: a step starts at cache row 0, not row " +
+                            std::to_string(r0));
+    return step(input_ids, position_ids, write_indices, batch, seq, last);
+  }
 };
 
 struct Result {
   std::vector<int64_t> prompt_ids;
   std::vector<int64_t> output_ids;  // generated ids only (EOS included when it ended the sequence)
   std::string text;                 // "" without a tokenizer
-  std::string finish_reason;        // "eos" | "length"
+  std::string finish_reason;        // "eos" | "length"; through the Executor also "stop" | "cancelled" | "error"
   double prefill_ms = 0;
   double decode_tokens_per_s = 0;
+  // Set by the Executor only:
+  double queue_ms = 0;            // waiting for a free slot
+  double ttft_ms = 0;             // submission to first token
+  std::vector<double> token_ms;   // gap before each token after the first
+  std::string error;              // what ended the request when finish_reason is "error"
 };
 
 // (row, token id, text delta; "" without a tokenizer or while a character is incomplete)
