@@ -22,6 +22,14 @@ least 95%.
 
     python scripts/precision_accuracy.py
     python scripts/precision_accuracy.py --out /tmp/acc   # keep the artifacts
+
+With ``--model PATH`` (a trained checkpoint, e.g. ../shared/models/pystdlib-mixtral-30m) it
+measures that checkpoint instead, on held-out text (the source files of the standard-library
+modules in ``mixtral_trt.optimize.accuracy.HELD_OUT``): perplexity change and top-1 agreement
+of fp16 and int8 against fp32; it exits non-zero unless both keep top-1 >= 99% and
+|perplexity change| <= 0.5%.
+
+    python scripts/precision_accuracy.py --model ../shared/models/pystdlib-mixtral-30m
 """
 
 from __future__ import annotations
@@ -174,12 +182,41 @@ def run_model(name: str, ckpt: Path, root: Path, long: bool = False):
     return rows, long_rows
 
 
+def trained(model: Path, out: Path | None) -> int:
+    """The --model table: fp16 and int8 against fp32 on the held-out text."""
+    from mixtral_trt.optimize import accuracy as A
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = out or Path(tmp)
+        got = A.measure(model, root / "trained")
+    print(f"{model}: {A.PASSAGES} held-out passages of {A.PASSAGE} tokens ({got['fp32']['positions']} predicted "
+          f"positions) from {', '.join(A.HELD_OUT)}; ONNX Runtime CPU; fp32 perplexity {got['fp32']['perplexity']:.3f}")
+    print()
+    print("| build | perplexity | change vs fp32 | top-1 agreement |")
+    print("|---|---|---|---|")
+    bad = []
+    for p in ("fp16", "int8"):
+        m = got[p]
+        print(f"| {p} | {m['perplexity']:.3f} | {m['ppl_change']:+.4%} | {m['top1']:.2%} |")
+        if m["top1"] < 0.99 or abs(m["ppl_change"]) > 0.005:
+            bad.append(p)
+    if bad:
+        print(f"\nFAIL: {', '.join(bad)} below top-1 99% or beyond 0.5% perplexity change")
+        return 1
+    print("\nOK: fp16 and int8 keep top-1 >= 99% and |perplexity change| <= 0.5%")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, help="keep the checkpoints and builds here (default: a temporary directory)")
     ap.add_argument("--layers", type=int, default=LARGER["num_hidden_layers"], metavar="N",
                     help="decoder layers of the larger model (default %(default)s)")  # fmt: skip
+    ap.add_argument("--model", type=Path, metavar="PATH",
+                    help="measure this (trained) checkpoint on held-out standard-library source instead")  # fmt: skip
     args = ap.parse_args()
+    if args.model:
+        return trained(args.model, args.out)
 
     from mixtral_trt.export.tiny import default_tiny, tiny_config, write_tiny
 
